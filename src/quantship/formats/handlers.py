@@ -1,0 +1,96 @@
+"""One dispatch table from a recipe's weight format to what it means for one weight tensor.
+
+Each handler turns (weight, weight amax, input amax) into the exact tensors a Model Optimizer
+unified checkpoint stores under a module's name, and knows the matching fake-quant for
+evaluation. Weights are 2-D `[out, in]` or fused experts `[E, out, in]`; for the latter the
+amaxes and per-tensor scales are vectors with one entry per expert.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from quantship.formats import fp8, nvfp4
+
+
+class FormatHandler(Protocol):
+    name: str
+    block_size: int | None
+    per_tensor: frozenset[str]
+
+    def scales(self, weight_amax: Tensor, input_amax: Tensor) -> dict[str, Tensor]: ...
+    def quantize(self, weight: Tensor, scales: dict[str, Tensor]) -> dict[str, Tensor]: ...
+    def dequantize(self, tensors: dict[str, Tensor], dtype: torch.dtype) -> Tensor: ...
+    def fake_quant_input(self, x: Tensor, input_scale: Tensor) -> Tensor: ...
+
+
+@dataclass(frozen=True)
+class NVFP4Handler:
+    """W4A4 NVFP4: packed uint8 weight, e4m3 block scales, fp32 global and input scales."""
+
+    name: str = "nvfp4"
+    block_size: int | None = nvfp4.BLOCK_SIZE
+    # Tensors holding one value per weight tensor (per expert when fused); the rest are rows.
+    per_tensor: frozenset[str] = frozenset({"weight_scale_2", "input_scale"})
+
+    def scales(self, weight_amax: Tensor, input_amax: Tensor) -> dict[str, Tensor]:
+        return {
+            "weight_scale_2": nvfp4.global_scale_from_amax(weight_amax),
+            "input_scale": nvfp4.input_scale_from_amax(input_amax),
+        }
+
+    def quantize(self, weight: Tensor, scales: dict[str, Tensor]) -> dict[str, Tensor]:
+        q = nvfp4.quantize_nvfp4(weight, scales["weight_scale_2"])
+        return {
+            "weight": q.packed,
+            "weight_scale": q.block_scale,
+            "weight_scale_2": q.scale_2,
+            "input_scale": scales["input_scale"].float(),
+        }
+
+    def dequantize(self, tensors: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
+        return nvfp4.dequantize_nvfp4(
+            tensors["weight"], tensors["weight_scale"], tensors["weight_scale_2"], dtype=dtype
+        )
+
+    def fake_quant_input(self, x: Tensor, input_scale: Tensor) -> Tensor:
+        return nvfp4.fake_quantize_nvfp4_activation(x, input_scale)
+
+
+@dataclass(frozen=True)
+class FP8Handler:
+    """W8A8 per-tensor FP8 E4M3: float8 weight, fp32 weight and input scales."""
+
+    name: str = "fp8"
+    block_size: int | None = None
+    per_tensor: frozenset[str] = frozenset({"weight_scale", "input_scale"})
+
+    def scales(self, weight_amax: Tensor, input_amax: Tensor) -> dict[str, Tensor]:
+        return {
+            "weight_scale": fp8.scale_from_amax(weight_amax),
+            "input_scale": torch.as_tensor(input_amax).float() / fp8.FP8_MAX,
+        }
+
+    def quantize(self, weight: Tensor, scales: dict[str, Tensor]) -> dict[str, Tensor]:
+        scale = scales["weight_scale"]
+        if weight.dim() == 3:  # fused experts: one per-tensor scale per expert
+            q = torch.stack([fp8.quantize_fp8(w, s)[0] for w, s in zip(weight, scale, strict=True)])
+        else:
+            q, scale = fp8.quantize_fp8(weight, scale)
+        return {"weight": q, "weight_scale": scale.float(), "input_scale": scales["input_scale"].float()}
+
+    def dequantize(self, tensors: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
+        q, scale = tensors["weight"], tensors["weight_scale"]
+        if q.dim() == 3:
+            return torch.stack([fp8.dequantize_fp8(w, s, dtype) for w, s in zip(q, scale, strict=True)])
+        return fp8.dequantize_fp8(q, scale, dtype)
+
+    def fake_quant_input(self, x: Tensor, input_scale: Tensor) -> Tensor:
+        return fp8.fake_quantize_fp8(x, input_scale)
+
+
+FORMAT_HANDLERS: dict[str, FormatHandler] = {h.name: h for h in (NVFP4Handler(), FP8Handler())}

@@ -1,0 +1,183 @@
+"""The Python API: `quantize(model, recipe, calib_data) -> QuantizedModel; .export(path)`.
+
+discover -> calibrate -> scales -> export, each step a module of its own; this file only
+strings them together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from quantship.calibration.observers import CalibrationStats, Calibrator
+from quantship.errors import QuantshipError
+from quantship.export import modelopt_hf
+from quantship.export.shards import ShardWriter, atomic_export_dir
+from quantship.fake_quant import activation_fake_quant, swapped_weights
+from quantship.model.checkpoint_names import checkpoint_slices, checkpoint_state_dict
+from quantship.model.discover import ModelStructure, discover
+from quantship.recipes import Recipe, get_kv_cache_format, get_recipe
+from quantship.scales import QuantPlan, build_plan, excluded_modules
+
+DEFAULT_MOE_MIN_TOKENS = 32
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json", "added_tokens.json",
+    "generation_config.json",
+)
+
+
+@dataclass
+class QuantizedModel:
+    """A calibrated model and its quantization plan; export or evaluate it."""
+
+    model: nn.Module
+    structure: ModelStructure
+    plan: QuantPlan
+    stats: CalibrationStats
+
+    # ------------------------------------------------------------------ tensors
+    def quantized_tensors(self, target_key: str) -> dict[str, torch.Tensor]:
+        """The in-memory quantized tensors of one target (3-D for fused experts)."""
+        t = self.plan.target(target_key)
+        return self.plan.handler.quantize(t.weight, t.scales)
+
+    def checkpoint_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor of the export under its checkpoint name, one target at a time."""
+        quantized_params = set()
+        handler = self.plan.handler
+        for t in self.plan.targets:
+            param = t.key if t.fused_experts else f"{t.key}.weight"
+            quantized_params.add(param)
+            slices = checkpoint_slices(self.model, param, t.weight.shape)
+            yield from modelopt_hf.split_module_tensors(self.quantized_tensors(t.key), slices, handler)
+        yield from self._high_precision_tensors(quantized_params)
+        for attn, scales in self.plan.kv_scales.items():
+            yield f"{attn}.k_proj.k_scale", scales["k_scale"].float().reshape(())
+            yield f"{attn}.v_proj.v_scale", scales["v_scale"].float().reshape(())
+
+    def _high_precision_tensors(self, quantized_params: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        seen_storage: set[int] = set()
+        rest = {}
+        for name, tensor in self.model.state_dict(keep_vars=False).items():
+            if name in quantized_params:
+                continue
+            ptr = tensor.untyped_storage().data_ptr()
+            if tensor.numel() and ptr in seen_storage and getattr(self.model.config, "tie_word_embeddings", False):
+                continue  # a tied copy (lm_head = embed_tokens); save_pretrained drops it too
+            seen_storage.add(ptr)
+            rest[name] = tensor
+        yield from checkpoint_state_dict(self.model, rest).items()
+
+    def exclude_modules(self) -> list[str]:
+        """Checkpoint names of every module kept in high precision (for the exclude list)."""
+        names: set[str] = set()
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        for module_name in self.plan.excluded:
+            for pname, p in params.items():
+                if p.dim() < 2 or not pname.startswith(module_name + "."):
+                    continue
+                if pname.count(".") - module_name.count(".") != 1:
+                    continue
+                names.update(sl.module for sl in checkpoint_slices(self.model, pname, p.shape))
+        return sorted(names)
+
+    # ------------------------------------------------------------------ export
+    def hf_quant_config(self) -> dict:
+        r = self.plan.recipe
+        return modelopt_hf.hf_quant_config(r.quant_algo, r.group_size, self.plan.kv_format.quant_algo,
+                                           self.exclude_modules())
+
+    def export(self, path: str | Path, overwrite: bool = False, source_dir: str | Path | None = None,
+               tokenizer=None, max_shard_bytes: int = 5 * 1024**3, progress: bool = True) -> Path:
+        """Write the Model Optimizer unified HF checkpoint, atomically."""
+        from quantship import report
+
+        target = Path(path)
+        hf_config = self.hf_quant_config()
+        with atomic_export_dir(target, overwrite) as tmp:
+            writer = ShardWriter(tmp, max_shard_bytes, metadata={"producer": "quantship"})
+            for name, tensor in tqdm(self.checkpoint_tensors(), desc="export", unit="tensor", disable=not progress):
+                writer.add(name, tensor)
+            writer.close()
+            self._write_configs(tmp, hf_config, source_dir, tokenizer)
+            report.write_reports(self, tmp)
+        return target
+
+    def _write_configs(self, directory: Path, hf_config: dict, source_dir, tokenizer) -> None:
+        (directory / "hf_quant_config.json").write_text(json.dumps(hf_config, indent=4))
+        self.model.config.save_pretrained(directory)
+        config = json.loads((directory / "config.json").read_text())
+        config["quantization_config"] = modelopt_hf.config_json_quantization(hf_config)
+        (directory / "config.json").write_text(json.dumps(config, indent=2))
+        if source_dir is not None:
+            for name in TOKENIZER_FILES:
+                src = Path(source_dir) / name
+                if src.is_file():
+                    shutil.copy2(src, directory / name)
+        elif tokenizer is not None:
+            tokenizer.save_pretrained(directory)
+        gen = getattr(self.model, "generation_config", None)
+        if gen is not None and not (directory / "generation_config.json").exists():
+            with contextlib.suppress(Exception):
+                gen.save_pretrained(directory)
+
+    # ------------------------------------------------------------------ evaluation
+    def input_scales(self) -> dict[str, torch.Tensor]:
+        return {t.key: t.scales["input_scale"] for t in self.plan.targets}
+
+    @contextlib.contextmanager
+    def fake_quantized(self) -> Iterator[nn.Module]:
+        """The model computing as the exported checkpoint will (weights and activations)."""
+        params = dict(self.model.named_parameters())
+        handler = self.plan.handler
+        swaps = {}
+        for t in self.plan.targets:
+            pname = t.key if t.fused_experts else f"{t.key}.weight"
+            swaps[pname] = (params[pname], handler.dequantize(self.quantized_tensors(t.key), t.weight.dtype))
+        with swapped_weights(swaps), activation_fake_quant(self.structure, handler, self.input_scales()):
+            yield self.model
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def run_calibration(model: nn.Module, calibrator: Calibrator, batches: Iterable[dict[str, torch.Tensor]],
+                    progress: bool = True) -> CalibrationStats:
+    device = _model_device(model)
+    batches = list(batches)
+    if not batches:
+        raise QuantshipError("calibration data is empty; pass a --dataset with text or raise --calib-size")
+    with torch.no_grad(), calibrator.attached() as stats:
+        for batch in tqdm(batches, desc="calibrate", unit="batch", disable=not progress):
+            inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+            model(**inputs, use_cache=False)
+            stats.tokens_seen += int(inputs["input_ids"].numel())
+    return stats
+
+
+def quantize(model: nn.Module, recipe: str | Recipe = "nvfp4",
+             calib_data: Iterable[dict[str, torch.Tensor]] = (), kv_cache: str | None = "none",
+             exclude: Iterable[str] = (), moe_min_tokens: int = DEFAULT_MOE_MIN_TOKENS,
+             progress: bool = True) -> QuantizedModel:
+    """Calibrate `model` on `calib_data` (batches of input_ids) and plan every scale."""
+    recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
+    kv_format = get_kv_cache_format(kv_cache)
+    if moe_min_tokens < 0:
+        raise QuantshipError(f"--moe-min-tokens must be >= 0, got {moe_min_tokens}")
+    model.eval()
+    structure = discover(model)
+    excluded = excluded_modules(structure, recipe, list(exclude))
+    calibrator = Calibrator(model, structure, recipe, kv_format, moe_min_tokens, set(excluded))
+    stats = run_calibration(model, calibrator, calib_data, progress)
+    plan = build_plan(structure, recipe, kv_format, stats, excluded)
+    return QuantizedModel(model, structure, plan, stats)

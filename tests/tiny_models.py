@@ -1,0 +1,75 @@
+"""Tiny seeded models built from real transformers configs and saved with `save_pretrained`,
+so tests exercise the same loading path as a real checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    DeepseekV3Config,
+    Gemma3TextConfig,
+    LlamaConfig,
+    MixtralConfig,
+    PretrainedConfig,
+    Qwen2Config,
+    Qwen3Config,
+    Qwen3MoeConfig,
+)
+
+VOCAB = 256
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=256, tie_word_embeddings=False)
+
+
+def tiny_config(kind: str) -> PretrainedConfig:
+    """Configs for every supported architecture, small enough for CPU tests."""
+    if kind == "llama":
+        return LlamaConfig(**COMMON, intermediate_size=128, num_hidden_layers=2)
+    if kind == "qwen2":
+        return Qwen2Config(**COMMON, intermediate_size=128, num_hidden_layers=2)
+    if kind == "qwen3":
+        return Qwen3Config(**COMMON, intermediate_size=128, num_hidden_layers=2, head_dim=16)
+    if kind == "gemma3":
+        return Gemma3TextConfig(**COMMON, intermediate_size=128, num_hidden_layers=2, head_dim=16,
+                                sliding_window=32)
+    if kind == "qwen3_moe":
+        return Qwen3MoeConfig(**COMMON, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+                              num_experts=32, num_experts_per_tok=2, head_dim=16, norm_topk_prob=True)
+    if kind == "mixtral":
+        return MixtralConfig(**COMMON, intermediate_size=64, num_hidden_layers=2, num_local_experts=8,
+                             num_experts_per_tok=2)
+    if kind == "deepseek_v3":
+        return DeepseekV3Config(
+            vocab_size=VOCAB, hidden_size=80, intermediate_size=128, moe_intermediate_size=32,
+            num_hidden_layers=3, first_k_dense_replace=1, n_routed_experts=64, num_experts_per_tok=8,
+            n_shared_experts=1, n_group=8, topk_group=4, num_attention_heads=4, num_key_value_heads=4,
+            q_lora_rank=48, kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16,
+            max_position_embeddings=256, tie_word_embeddings=False, rope_scaling=None,
+        )
+    raise ValueError(f"unknown tiny model kind {kind!r}")
+
+
+ALL_KINDS = ("llama", "qwen2", "qwen3", "gemma3", "qwen3_moe", "mixtral", "deepseek_v3")
+MOE_KINDS = ("qwen3_moe", "mixtral", "deepseek_v3")
+
+
+def build_tiny_model(kind: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(kind), dtype=torch.bfloat16)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.08)
+            elif "norm" in name or "layernorm" in name:
+                p.fill_(1.0)
+            # Spread routing: DeepSeek's score-correction bias and router weights stay random.
+    return model.eval()
+
+
+def save_tiny_model(kind: str, path: Path, seed: int = 0) -> Path:
+    model = build_tiny_model(kind, seed)
+    model.save_pretrained(path)
+    (path / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast"}')
+    return path
