@@ -1,0 +1,80 @@
+"""Load the source model and tokenizer, with one-line errors for every way that goes wrong."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from quantship.errors import QuantshipError
+from quantship.model.discover import SUPPORTED_ARCHITECTURES
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    return name.count("/") == 1 and not name.startswith((".", "/", "~"))
+
+
+def check_model_dir(path: str) -> None:
+    p = Path(path).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise QuantshipError(f"model directory {p} has no config.json; point --model to a Hugging Face model folder")
+        try:
+            json.loads((p / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise QuantshipError(f"{p / 'config.json'} is not readable JSON ({e}); re-download or fix it") from None
+        return
+    if p.exists():
+        raise QuantshipError(f"--model {p} is a file; point it to the model's directory")
+    if not _looks_like_hub_id(path):
+        raise QuantshipError(f"model directory {p} does not exist; pass an existing local folder with --model")
+
+
+def check_finite(model: nn.Module) -> None:
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            raise QuantshipError(f"source weight {name} contains NaN or inf; fix or re-export the source model")
+
+
+def load_source_model(path: str, trust_remote_code: bool = False, device: str | None = None,
+                      dtype: torch.dtype = torch.bfloat16):
+    """(model, tokenizer) from a local folder (or a hub id when reachable)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check_model_dir(path)
+    local = Path(path).expanduser().is_dir()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code, local_files_only=local
+        )
+    except ValueError as e:
+        text = str(e)
+        if "trust_remote_code" in text:
+            raise QuantshipError(
+                f"{path} needs its own model code; rerun with --trust-remote-code if you trust it"
+            ) from None
+        if "Unrecognized configuration" in text or "model type" in text:
+            raise QuantshipError(f"unsupported model at {path}; supported: {SUPPORTED_ARCHITECTURES}") from None
+        raise QuantshipError(f"cannot load model from {path}: {text.splitlines()[0]}") from None
+    except OSError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if not local:
+            raise QuantshipError(
+                f"cannot reach the Hugging Face hub for {path} ({first}); download it and pass the local folder"
+            ) from None
+        raise QuantshipError(f"cannot read model weights in {path}: {first}") from None
+    except Exception as e:  # safetensors/torch errors from truncated or inconsistent files
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise QuantshipError(f"cannot load the weights in {path} ({type(e).__name__}: {first}); "
+                             "check that the checkpoint is complete") from None
+    check_finite(model)
+    if device:
+        model = model.to(device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=local)
+    except Exception as e:
+        raise QuantshipError(f"cannot load the tokenizer of {path} ({type(e).__name__}); "
+                             "copy the tokenizer files into the model folder") from None
+    return model.eval(), tokenizer
