@@ -1,0 +1,74 @@
+"""FP8 E4M3 per-tensor quantization (W8A8 weights, activations, KV cache) as pure torch functions.
+
+Convention (consumers: ``export/`` writers, serving engines): ``scale`` is a multiplier,
+real = fp8 value * scale, with ``scale = amax / 448`` in float32.
+
+Compared with Model Optimizer 0.47. Its export (``export/quant_utils.py``,
+``to_quantized_weight``) computes ``scale = amax.float() / 448`` and
+``(weight / scale).to(float8_e4m3fn)``; with a bf16/fp16 weight and a 0-dim float32 scale torch
+evaluates the quotient in float32 and rounds it to the *weight's* dtype before the e4m3 cast. That
+double rounding moves about 2% of bf16 elements by one e4m3 step (bf16 rounding lands values
+exactly on e4m3 ties). We reproduce it on purpose, so our bytes equal its checkpoints bit for bit
+(``test_modelopt_oracle.py`` checks bf16, fp16 and fp32 against ``FP8QTensor.quantize``).
+Remaining differences:
+
+- ``FP8QTensor.quantize(w)`` without a scale computes ``amax / 448`` in the weight's dtype (a
+  bf16-rounded scale); we always keep the float32 scale that its export path and the
+  checkpoint use.
+- An all-zero tensor: Model Optimizer's scale is 0 (0/0 = NaN codes); ours is 1/448.
+- Saturation is an explicit clamp at ±448 rather than the cast's own overflow behaviour.
+- Dequantize: Model Optimizer multiplies in the target dtype (scale rounded to bf16 first); we
+  multiply in float32 and round once.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+FP8_MAX = 448.0
+
+
+def scale_from_amax(amax: Tensor) -> Tensor:
+    """``amax / 448`` in float32, elementwise. An amax of 0 gets the scale of amax 1.0: any
+    positive scale reproduces zeros exactly, and a zero scale would turn them into 0/0 = NaN."""
+    amax = torch.as_tensor(amax).float()
+    amax = torch.where(amax == 0, torch.ones_like(amax), amax)
+    return amax / FP8_MAX
+
+
+def _as_scalar_scale(scale: Tensor, device: torch.device) -> Tensor:
+    s = torch.as_tensor(scale, device=device).float()
+    if s.numel() != 1:
+        raise ValueError(f"per-tensor FP8 needs a single scale, got shape {tuple(s.shape)}")
+    return s.reshape(())
+
+
+def quantize_fp8(w: Tensor, scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Per-tensor E4M3: returns ``(q float8_e4m3fn, scale float32 0-dim)``.
+
+    ``q = e4m3(clamp(w / scale, -448, 448))``, the division done in float32 and, as in Model
+    Optimizer's export, rounded to ``w.dtype`` before the e4m3 cast (see the module docstring).
+    The clamp comes first so an fp16 quotient cannot overflow to inf.
+    """
+    if scale is None:
+        amax = w.abs().amax()
+        if not torch.isfinite(amax):
+            raise ValueError(f"tensor of shape {tuple(w.shape)} contains NaN or inf")
+        scale = scale_from_amax(amax)
+    scale = _as_scalar_scale(scale, w.device)
+    quotient = (w.float() / scale).clamp(-FP8_MAX, FP8_MAX)
+    if w.dtype in (torch.bfloat16, torch.float16):
+        quotient = quotient.to(w.dtype)
+    return quotient.to(torch.float8_e4m3fn), scale
+
+
+def dequantize_fp8(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """``q * scale`` in float32 (exact e4m3 -> float32, one rounding), then cast to ``dtype``."""
+    return (q.float() * _as_scalar_scale(scale, q.device)).to(dtype)
+
+
+def fake_quantize_fp8(x: Tensor, scale: Tensor) -> Tensor:
+    """Quantize-dequantize round trip in ``x.dtype`` (static per-tensor scale)."""
+    q, s = quantize_fp8(x, scale)
+    return dequantize_fp8(q, s, dtype=x.dtype)
