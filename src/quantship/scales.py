@@ -104,7 +104,7 @@ def _resolved_input_amax(key: str, stats: CalibrationStats, fallback: Tensor | N
         where = f" (experts {bad.nonzero().flatten().tolist()[:10]})" if routed.dim() else ""
         raise QuantshipError(
             f"input amax of {key} is zero, NaN or inf{where}; the calibration data gives no usable scale — "
-            "use more or other calibration text, or --exclude the module"
+            "raise --moe-min-tokens (all-token fallback for experts), use more calibration text, or --exclude the module"
         )
     return routed
 

@@ -80,7 +80,9 @@ def fused_experts_forward(
     gate_up_amax.scatter_reduce_(0, flat_expert[valid], token_amax[flat_token[valid]], "amax")
     down_amax = torch.zeros(n_exp, dtype=torch.float32, device=hidden.device)
 
-    out = torch.zeros_like(hidden)
+    # Accumulate in float32 like transformers' grouped/batched experts kernels (the default
+    # implementation), so the block output matches theirs to the last bf16 bit in most cases.
+    out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
     bounds = torch.cumsum(counts, 0).tolist()
     start = 0
     for e, end in enumerate(bounds):
@@ -97,8 +99,8 @@ def fused_experts_forward(
         if act_quant_down is not None:
             h = act_quant_down(h, e)
         y = F.linear(h, down[e]) * flat_weight[pairs, None]
-        out.index_add_(0, tokens, y.to(out.dtype))
-    return out, ExpertStats(counts.float(), gate_up_amax, down_amax)
+        out.index_add_(0, tokens, y.float())
+    return out.to(hidden.dtype), ExpertStats(counts.float(), gate_up_amax, down_amax)
 
 
 def all_token_down_input_amax(
