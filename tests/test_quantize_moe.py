@@ -12,7 +12,6 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tiny_models import save_tiny_model
 
 from quantship.cli import main as cli_main
 from quantship.errors import QuantshipError
@@ -20,6 +19,8 @@ from quantship.formats import nvfp4
 from quantship.load import load_quantized
 from quantship.pipeline import quantize
 from quantship.source import load_source_model
+
+from tiny_models import save_tiny_model
 
 # kind -> (experts per MoE layer, MoE layers, projection names gate/up/down in the checkpoint)
 MOE_CASES = {

@@ -3,6 +3,8 @@ so tests exercise the same loading path as a real checkpoint."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -23,8 +25,14 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_key_v
               max_position_embeddings=256, tie_word_embeddings=False)
 
 
-def tiny_config(kind: str) -> PretrainedConfig:
+def tiny_config(kind: str, vocab: int = VOCAB) -> PretrainedConfig:
     """Configs for every supported architecture, small enough for CPU tests."""
+    config = _tiny_config(kind)
+    config.vocab_size = vocab
+    return config
+
+
+def _tiny_config(kind: str) -> PretrainedConfig:
     if kind == "llama":
         return LlamaConfig(**COMMON, intermediate_size=128, num_hidden_layers=2)
     if kind == "qwen2":
@@ -55,9 +63,9 @@ ALL_KINDS = ("llama", "qwen2", "qwen3", "gemma3", "qwen3_moe", "mixtral", "deeps
 MOE_KINDS = ("qwen3_moe", "mixtral", "deepseek_v3")
 
 
-def build_tiny_model(kind: str, seed: int = 0) -> torch.nn.Module:
+def build_tiny_model(kind: str, seed: int = 0, vocab: int = VOCAB) -> torch.nn.Module:
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(kind), dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_config(tiny_config(kind, vocab), dtype=torch.bfloat16)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() >= 2:
@@ -68,8 +76,19 @@ def build_tiny_model(kind: str, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
-def save_tiny_model(kind: str, path: Path, seed: int = 0) -> Path:
-    model = build_tiny_model(kind, seed)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def save_tiny_model(kind: str, path: Path, seed: int = 0, tokenizer_dir: Path | None = None) -> Path:
+    """Save a tiny model; with `tokenizer_dir`, its vocab matches that tokenizer, whose files are
+    copied along so the folder is a complete model folder for the CLI."""
+    vocab = VOCAB
+    if tokenizer_dir is not None:
+        vocab = json.loads((Path(tokenizer_dir) / "config.json").read_text())["vocab_size"]
+    model = build_tiny_model(kind, seed, vocab)
     model.save_pretrained(path)
-    (path / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast"}')
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            if (Path(tokenizer_dir) / name).is_file():
+                shutil.copy2(Path(tokenizer_dir) / name, path / name)
     return path
