@@ -20,7 +20,8 @@ $(VENV)/.installed: pyproject.toml requirements-assets.txt
 install: $(VENV)/.installed
 
 demo: install
-	HF_HUB_OFFLINE=1 $(VENV)/bin/quantship quantize --export $(DEMO_OUT) --overwrite
+	HF_HUB_OFFLINE=1 $(VENV)/bin/quantship quantize --qformat nvfp4 --calib-size 32 --calib-seq-len 256 \
+		--export $(DEMO_OUT) --overwrite
 	HF_HUB_OFFLINE=1 $(VENV)/bin/quantship verify $(DEMO_OUT)
 	@echo "report: $(DEMO_OUT)/report.md"
 
