@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -108,7 +109,7 @@ def _map_input_scales(model: nn.Module, structure: ModelStructure, by_module: di
 
 
 def load_quantized(directory: str | Path, dtype: torch.dtype = torch.bfloat16,
-                   device: str | torch.device = "cpu") -> LoadedQuantized:
+                   device: str | torch.device = "cpu", trust_remote_code: bool = False) -> LoadedQuantized:
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise QuantshipError(f"{directory} has no config.json; point to an exported checkpoint directory")
@@ -121,8 +122,12 @@ def load_quantized(directory: str | Path, dtype: torch.dtype = torch.bfloat16,
     config.pop("quantization_config", None)
     with tempfile.TemporaryDirectory(prefix="quantship-load-") as tmp:
         (Path(tmp) / "config.json").write_text(json.dumps(config))
+        for code in directory.glob("*.py"):  # a remote-code model's own files (config.json's auto_map)
+            shutil.copy2(code, Path(tmp) / code.name)
         save_file({k: v.contiguous() for k, v in state.items()}, str(Path(tmp) / "model.safetensors"),
                   metadata={"format": "pt"})
-        model = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(
+            tmp, dtype=dtype, trust_remote_code=trust_remote_code
+        ).to(device).eval()
     structure = discover(model)
     return LoadedQuantized(model, structure, handler, _map_input_scales(model, structure, scales_by_module))

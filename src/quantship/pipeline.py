@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers.dynamic_module_utils import custom_object_save
 
 from quantship.calibration.observers import CalibrationStats, Calibrator
 from quantship.errors import QuantshipError
@@ -31,7 +32,7 @@ DEFAULT_MOE_MIN_TOKENS = 32
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json", "added_tokens.json",
-    "generation_config.json",
+    "generation_config.json", "tiktoken.model",
 )
 
 
@@ -119,12 +120,16 @@ class QuantizedModel:
         config["quantization_config"] = modelopt_hf.config_json_quantization(hf_config)
         (directory / "config.json").write_text(json.dumps(config, indent=2))
         if source_dir is not None:
-            for name in TOKENIZER_FILES:
+            for name in (*TOKENIZER_FILES, *_remote_code_files(Path(source_dir))):
                 src = Path(source_dir) / name
                 if src.is_file():
                     shutil.copy2(src, directory / name)
-        elif tokenizer is not None:
-            tokenizer.save_pretrained(directory)
+        else:
+            if getattr(self.model, "_auto_class", None) is not None:
+                # Remote code (trust_remote_code): what save_pretrained does, so the export loads.
+                custom_object_save(self.model, directory)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(directory)
         gen = getattr(self.model, "generation_config", None)
         if gen is not None and not (directory / "generation_config.json").exists():
             with contextlib.suppress(Exception):
@@ -145,6 +150,23 @@ class QuantizedModel:
             swaps[pname] = (params[pname], handler.dequantize(self.quantized_tensors(t.key), t.weight.dtype))
         with swapped_weights(swaps), activation_fake_quant(self.structure, handler, self.input_scales()):
             yield self.model
+
+
+def _remote_code_files(source_dir: Path) -> list[str]:
+    """The python files that `auto_map` in the source's config.json and tokenizer_config.json
+    points to (Kimi-K2: configuration_deepseek.py, modeling_deepseek.py, tokenization_kimi.py).
+    Without them the export cannot be loaded with trust_remote_code."""
+    files: set[str] = set()
+    for config_name in ("config.json", "tokenizer_config.json"):
+        try:
+            auto_map = json.loads((source_dir / config_name).read_text()).get("auto_map") or {}
+        except (OSError, ValueError):
+            continue
+        for ref in auto_map.values():
+            for r in ref if isinstance(ref, list | tuple) else [ref]:
+                if isinstance(r, str) and "--" not in r:  # "repo--module.Class" lives in another repo
+                    files.add(r.rsplit(".", 1)[0] + ".py")
+    return sorted(files)
 
 
 def _model_device(model: nn.Module) -> torch.device:
