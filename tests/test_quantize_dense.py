@@ -157,3 +157,26 @@ def test_unsupported_model_lists_what_is_supported():
 
     with pytest.raises(QuantshipError, match="unsupported model type 'mystery'.*supported: Llama"):
         discover(NotALM())
+
+
+def test_sharded_export_has_a_consistent_index(tmp_path):
+    model = build_tiny_model("qwen3_moe")
+    qm = quantize(model, "nvfp4", _batches(8), progress=False)
+    out = qm.export(tmp_path / "out", max_shard_bytes=64 * 1024, progress=False)
+    shards = sorted(out.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 2 and not (out / "model.safetensors").exists()
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {s.name for s in shards}
+    total = 0
+    for s in shards:
+        tensors = load_file(str(s))
+        assert {k for k, v in index["weight_map"].items() if v == s.name} == set(tensors)
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+    assert index["metadata"]["total_size"] == total
+    assert verify_checkpoint(out).ok
+    ids = _batches(5)[0]["input_ids"]
+    with torch.no_grad(), qm.fake_quantized() as m:
+        expected = m(ids).logits
+    loaded = load_quantized(out)
+    with torch.no_grad(), loaded.fake_quantized() as m:
+        assert torch.equal(m(ids).logits, expected)
