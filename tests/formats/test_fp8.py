@@ -18,14 +18,6 @@ from quantship.formats.fp8 import (
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These tensors are tiny: intra-op threads only add sync cost (10x on a busy machine)."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
 
 # value (with scale 1.0, float32 input) -> e4m3fn bit pattern (sign | 4 exponent | 3 mantissa).
 E4M3_TABLE = [

@@ -29,14 +29,6 @@ from quantship.formats.nvfp4 import (
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """These tensors are tiny: intra-op threads only add sync cost (10x on a busy machine)."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
 
 # Every E2M1 code and the value it decodes to, written out (bit 3 = sign).
 CODE_TABLE = [
