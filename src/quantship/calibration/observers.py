@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -153,25 +154,56 @@ class Calibrator:
     # --- KV cache: wrap the attention function every HF attention module calls -------------
     @contextlib.contextmanager
     def _kv_observed(self) -> Iterator[None]:
+        """Record key/value amax per attention module, after RoPE and norms, as cached.
+
+        Two taps cover the ways attention is computed: transformers' attention interface (every
+        built-in model; eager included) and `F.scaled_dot_product_attention` called directly by
+        remote code, attributed to the attention module currently running.
+        """
         names = {id(m): n for n, m in self.structure.attention_modules}
         impl = self.model.config._attn_implementation or "eager"
         local = ALL_ATTENTION_FUNCTIONS._local_mapping  # an override local to this instance
         had_local, old_local = impl in local, local.get(impl)
         previous = ALL_ATTENTION_FUNCTIONS.get(impl)  # None for "eager": each model has its own
+        running: list[str] = []
+
+        def record(name: str, key: torch.Tensor, value: torch.Tensor) -> None:
+            entry = self.stats.kv_amax.setdefault(name, {})
+            _max_into(entry, "k", _amax(key))
+            _max_into(entry, "v", _amax(value))
 
         def observed(module: nn.Module, query, key, value, *args, **kwargs):
             name = names.get(id(module))
             if name is not None:
-                entry = self.stats.kv_amax.setdefault(name, {})
-                _max_into(entry, "k", _amax(key))
-                _max_into(entry, "v", _amax(value))
+                record(name, key, value)
             delegate = previous or sys.modules[type(module).__module__].eager_attention_forward
             return delegate(module, query, key, value, *args, **kwargs)
 
+        plain_sdpa = F.scaled_dot_product_attention
+
+        def sdpa(query, key, value, *args, **kwargs):
+            if running:
+                record(running[-1], key, value)
+            return plain_sdpa(query, key, value, *args, **kwargs)
+
+        def enter(name: str):
+            def hook(_m: nn.Module, _args: tuple) -> None:
+                running.append(name)
+
+            return hook
+
+        def leave(_m: nn.Module, _args: tuple, _out: object) -> None:
+            running.pop()  # a forward hook must return None, or it replaces the output
+
+        for name, module in self.structure.attention_modules:
+            self._handles.append(module.register_forward_pre_hook(enter(name)))
+            self._handles.append(module.register_forward_hook(leave))
         local[impl] = observed
+        F.scaled_dot_product_attention = sdpa
         try:
             yield
         finally:
+            F.scaled_dot_product_attention = plain_sdpa
             if had_local:
                 local[impl] = old_local
             else:
