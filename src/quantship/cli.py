@@ -1,4 +1,4 @@
-"""`quantship quantize | verify` — the command line.
+"""`quantship quantize | verify | convert` — the command line.
 
 Model Optimizer's `hf_ptq.py` flag names are accepted as aliases so existing scripts keep
 working. Every user error is one line on stderr and exit code 2; `verify` exits 1 when the
@@ -41,6 +41,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--export-format", "--export_format", dest="export_format", default="modelopt",
+                   help="checkpoint layout: modelopt (default) or compressed-tensors")
 
 
 def _add_verify(sub: argparse._SubParsersAction) -> None:
@@ -49,11 +51,21 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-findings", type=int, default=50)
 
 
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="convert a quantized checkpoint between the modelopt and "
+                                       "compressed-tensors layouts, without requantizing")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--to", required=True, help="target layout: modelopt or compressed-tensors")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DST folder")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quantship", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_quantize(sub)
     _add_verify(sub)
+    _add_convert(sub)
     return parser
 
 
@@ -61,12 +73,14 @@ def run_quantize(args: argparse.Namespace) -> int:
     import torch
 
     from quantship.calibration.data import build_calibration_batches, load_documents, split_documents
+    from quantship.export.compressed_tensors import check_export
     from quantship.pipeline import quantize
     from quantship.recipes import get_kv_cache_format, get_recipe
     from quantship.source import load_source_model
 
-    get_recipe(args.qformat)  # fail fast on bad flags, before loading anything
-    get_kv_cache_format(args.kv_cache_qformat)
+    recipe = get_recipe(args.qformat)  # fail fast on bad flags, before loading anything
+    kv_format = get_kv_cache_format(args.kv_cache_qformat)
+    check_export(args.export_format, recipe.quant_algo, kv_format.quant_algo)
     for flag, value in (("--calib-size", args.calib_size), ("--calib-seq-len", args.calib_seq_len),
                         ("--batch-size", args.batch_size)):
         if value <= 0:
@@ -86,7 +100,8 @@ def run_quantize(args: argparse.Namespace) -> int:
                                         args.batch_size, args.seed)
     qm = quantize(model, args.qformat, batches, kv_cache=args.kv_cache_qformat, exclude=args.exclude,
                   moe_min_tokens=args.moe_min_tokens, progress=args.progress)
-    qm.export(export, overwrite=args.overwrite, source_dir=args.model, progress=args.progress)
+    qm.export(export, overwrite=args.overwrite, source_dir=args.model, progress=args.progress,
+              export_format=args.export_format)
     print(f"exported {args.qformat} checkpoint to {export} (report: {export / 'report.md'})")
     return 0
 
@@ -99,9 +114,17 @@ def run_verify(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def run_convert(args: argparse.Namespace) -> int:
+    from quantship.convert import convert_checkpoint
+
+    convert_checkpoint(args.src, args.dst, args.to, overwrite=args.overwrite)
+    print(f"converted {args.src} to {args.to} at {args.dst}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"quantize": run_quantize, "verify": run_verify}
+    handlers = {"quantize": run_quantize, "verify": run_verify, "convert": run_convert}
     try:
         return handlers[args.command](args)
     except QuantshipError as e:

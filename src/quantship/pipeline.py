@@ -20,7 +20,7 @@ from transformers.dynamic_module_utils import custom_object_save
 
 from quantship.calibration.observers import CalibrationStats, Calibrator
 from quantship.errors import QuantshipError
-from quantship.export import modelopt_hf
+from quantship.export import compressed_tensors, modelopt_hf
 from quantship.export.shards import ShardWriter, atomic_export_dir
 from quantship.fake_quant import activation_fake_quant, swapped_weights
 from quantship.model.checkpoint_names import checkpoint_slices, checkpoint_state_dict
@@ -98,26 +98,33 @@ class QuantizedModel:
                                            self.exclude_modules())
 
     def export(self, path: str | Path, overwrite: bool = False, source_dir: str | Path | None = None,
-               tokenizer=None, max_shard_bytes: int = 5 * 1024**3, progress: bool = True) -> Path:
-        """Write the Model Optimizer unified HF checkpoint, atomically."""
+               tokenizer=None, max_shard_bytes: int = 5 * 1024**3, progress: bool = True,
+               export_format: str = "modelopt") -> Path:
+        """Write the checkpoint atomically: Model Optimizer's unified HF layout, or with
+        `export_format="compressed-tensors"` the same quantized bytes in compressed-tensors' layout."""
         from quantship import report
 
         target = Path(path)
         hf_config = self.hf_quant_config()
+        quantization_config, tensors = compressed_tensors.from_modelopt(self.checkpoint_tensors(), hf_config,
+                                                                        export_format)
         with atomic_export_dir(target, overwrite) as tmp:
             writer = ShardWriter(tmp, max_shard_bytes, metadata={"producer": "quantship"})
-            for name, tensor in tqdm(self.checkpoint_tensors(), desc="export", unit="tensor", disable=not progress):
+            for name, tensor in tqdm(tensors, desc="export", unit="tensor", disable=not progress):
                 writer.add(name, tensor)
             writer.close()
-            self._write_configs(tmp, hf_config, source_dir, tokenizer)
+            self._write_configs(tmp, hf_config, source_dir, tokenizer, quantization_config)
             report.write_reports(self, tmp)
         return target
 
-    def _write_configs(self, directory: Path, hf_config: dict, source_dir, tokenizer) -> None:
-        (directory / "hf_quant_config.json").write_text(json.dumps(hf_config, indent=4))
+    def _write_configs(self, directory: Path, hf_config: dict, source_dir, tokenizer,
+                       quantization_config: dict | None = None) -> None:
+        quantization_config = quantization_config or modelopt_hf.config_json_quantization(hf_config)
+        if quantization_config["quant_method"] == "modelopt":  # compressed-tensors has config.json only
+            (directory / "hf_quant_config.json").write_text(json.dumps(hf_config, indent=4))
         self.model.config.save_pretrained(directory)
         config = json.loads((directory / "config.json").read_text())
-        config["quantization_config"] = modelopt_hf.config_json_quantization(hf_config)
+        config["quantization_config"] = quantization_config
         (directory / "config.json").write_text(json.dumps(config, indent=2))
         if source_dir is not None:
             for name in (*TOKENIZER_FILES, *_remote_code_files(Path(source_dir))):
