@@ -61,3 +61,13 @@ def test_kv_scales_for_remote_code_calling_sdpa_directly(tmp_path):
         s = qm.plan.kv_scales[f"model.layers.{layer}.self_attn"]
         assert float(s["k_scale"]) == pytest.approx(ref[layer][0] / 448, rel=1e-6)
         assert float(s["v_scale"]) == pytest.approx(ref[layer][1] / 448, rel=1e-6)
+
+
+def test_nvfp4_kv_cache_export_verifies(tmp_path):
+    from quantship.verify import verify_checkpoint
+
+    qm = quantize(build_tiny_model("llama"), "nvfp4", _batches(), kv_cache="nvfp4", progress=False)
+    out = qm.export(tmp_path / "out", progress=False)
+    result = verify_checkpoint(out)
+    assert result.ok, result.summary()
+    assert result.quant_algo == "NVFP4"

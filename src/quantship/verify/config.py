@@ -78,7 +78,11 @@ def read_declared(root: Path) -> Declared:
 
 
 def _kv_algo(scheme: Any) -> str | None:
-    """quant_algo name of a compressed-tensors-style kv_cache_scheme (num_bits/type)."""
+    """quant_algo name of a kv_cache_scheme: a compressed-tensors-style dict (num_bits/type), or
+    the bare algorithm string Model Optimizer writes for anything but FP8 (e.g. "NVFP4",
+    modelopt/torch/export/convert_hf_config.py)."""
+    if isinstance(scheme, str):
+        return scheme.upper()
     if not isinstance(scheme, dict):
         return None
     bits, kind = scheme.get("num_bits"), scheme.get("type")
