@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import errno
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from quantship.errors import QuantshipError
@@ -63,9 +64,8 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quantship", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_quantize(sub)
-    _add_verify(sub)
-    _add_convert(sub)
+    for add_arguments, _ in COMMANDS.values():
+        add_arguments(sub)
     return parser
 
 
@@ -122,11 +122,18 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+# One entry per subcommand: (adds its parser, runs it). A new command is one line here.
+COMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Callable[[argparse.Namespace], int]]] = {
+    "quantize": (_add_quantize, run_quantize),
+    "verify": (_add_verify, run_verify),
+    "convert": (_add_convert, run_convert),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"quantize": run_quantize, "verify": run_verify, "convert": run_convert}
     try:
-        return handlers[args.command](args)
+        return COMMANDS[args.command][1](args)
     except QuantshipError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
