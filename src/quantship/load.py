@@ -10,23 +10,20 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoModelForCausalLM
 
 from quantship.errors import QuantshipError
 from quantship.fake_quant import activation_fake_quant
 from quantship.formats.handlers import FORMAT_HANDLERS, FormatHandler
 from quantship.model.checkpoint_names import checkpoint_slices
 from quantship.model.discover import ModelStructure, discover
+from quantship.model.from_state_dict import model_from_state_dict
 
 ALGO_TO_FORMAT = {"NVFP4": "nvfp4", "FP8": "fp8"}
 SCALE_SUFFIXES = ("weight_scale", "weight_scale_2", "input_scale")
@@ -118,16 +115,6 @@ def load_quantized(directory: str | Path, dtype: torch.dtype = torch.bfloat16,
         raise QuantshipError(f"quant_algo {algo!r} cannot be loaded yet; supported: {', '.join(ALGO_TO_FORMAT)}")
     handler = FORMAT_HANDLERS[ALGO_TO_FORMAT[algo]]
     state, scales_by_module = dequantized_state_dict(directory, handler, dtype)
-    config = json.loads((directory / "config.json").read_text())
-    config.pop("quantization_config", None)
-    with tempfile.TemporaryDirectory(prefix="quantship-load-") as tmp:
-        (Path(tmp) / "config.json").write_text(json.dumps(config))
-        for code in directory.glob("*.py"):  # a remote-code model's own files (config.json's auto_map)
-            shutil.copy2(code, Path(tmp) / code.name)
-        save_file({k: v.contiguous() for k, v in state.items()}, str(Path(tmp) / "model.safetensors"),
-                  metadata={"format": "pt"})
-        model = AutoModelForCausalLM.from_pretrained(
-            tmp, dtype=dtype, trust_remote_code=trust_remote_code
-        ).to(device).eval()
+    model = model_from_state_dict(directory, state, dtype, trust_remote_code).to(device)
     structure = discover(model)
     return LoadedQuantized(model, structure, handler, _map_input_scales(model, structure, scales_by_module))
