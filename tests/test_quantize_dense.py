@@ -21,6 +21,15 @@ from tiny_models import build_tiny_model, save_tiny_model
 DENSE = ("llama", "qwen2", "qwen3", "gemma3")
 
 
+def assert_reload_reproduces_fake_quant(qm, out, ids: torch.Tensor) -> None:
+    """The export, reloaded, computes bit for bit what the in-memory fake-quant model does."""
+    with torch.no_grad(), qm.fake_quantized() as m:
+        expected = m(ids).logits
+    loaded = load_quantized(out)
+    with torch.no_grad(), loaded.fake_quantized() as m:
+        assert torch.equal(m(ids).logits, expected)
+
+
 def _batches(n_tokens: int = 16) -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(1)
     return [{"input_ids": torch.randint(0, 256, (2, n_tokens), generator=g)}]
@@ -41,12 +50,7 @@ def test_dense_export_verifies_and_reloads(kind, qformat, tmp_path):
         for s in ("k_proj.k_scale", "v_proj.v_scale"):
             v = tensors[f"{attn}.{s}"]
             assert v.dtype == torch.float32 and v.dim() == 0 and v > 0
-    ids = _batches(7)[0]["input_ids"]
-    with torch.no_grad(), qm.fake_quantized() as m:
-        expected = m(ids).logits
-    loaded = load_quantized(out)
-    with torch.no_grad(), loaded.fake_quantized() as m:
-        assert torch.equal(m(ids).logits, expected)
+    assert_reload_reproduces_fake_quant(qm, out, _batches(7)[0]["input_ids"])
 
 
 def test_fp8_weights_match_the_format_functions_on_the_source(tmp_path):
@@ -174,9 +178,4 @@ def test_sharded_export_has_a_consistent_index(tmp_path):
         total += sum(t.numel() * t.element_size() for t in tensors.values())
     assert index["metadata"]["total_size"] == total
     assert verify_checkpoint(out).ok
-    ids = _batches(5)[0]["input_ids"]
-    with torch.no_grad(), qm.fake_quantized() as m:
-        expected = m(ids).logits
-    loaded = load_quantized(out)
-    with torch.no_grad(), loaded.fake_quantized() as m:
-        assert torch.equal(m(ids).logits, expected)
+    assert_reload_reproduces_fake_quant(qm, out, _batches(5)[0]["input_ids"])
