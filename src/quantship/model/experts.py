@@ -21,6 +21,9 @@ from quantship.model.discover import FusedExperts
 
 # (activation, expert index) -> fake-quantized activation
 ActQuant = Callable[[torch.Tensor, int], torch.Tensor]
+# (projection "gate_up" or "down", its input as the GEMM sees it, expert index); GPTQ's
+# per-expert Hessians are built from these routed inputs.
+InputObserver = Callable[[str, torch.Tensor, int], None]
 
 
 @dataclass
@@ -58,6 +61,7 @@ def fused_experts_forward(
     act_quant_down: ActQuant | None = None,
     gate_up_weight: torch.Tensor | None = None,
     down_weight: torch.Tensor | None = None,
+    on_input: InputObserver | None = None,
 ) -> tuple[torch.Tensor, ExpertStats]:
     """Routed experts output for `hidden [T, H]`, plus per-expert routed statistics.
 
@@ -94,10 +98,14 @@ def fused_experts_forward(
         x = hidden[tokens]
         if act_quant_gate_up is not None:
             x = act_quant_gate_up(x, e)
+        if on_input is not None:
+            on_input("gate_up", x, e)
         h = _apply_gate(fe.module, F.linear(x, gate_up[e]))
         down_amax[e] = h.detach().abs().amax().float()
         if act_quant_down is not None:
             h = act_quant_down(h, e)
+        if on_input is not None:
+            on_input("down", h, e)
         y = F.linear(h, down[e]) * flat_weight[pairs, None]
         out.index_add_(0, tokens, y.float())
     return out.to(hidden.dtype), ExpertStats(counts.float(), gate_up_amax, down_amax)
