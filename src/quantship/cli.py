@@ -1,4 +1,4 @@
-"""`quantship quantize | verify | convert` — the command line.
+"""`quantship quantize | verify | convert | eval` — the command line.
 
 Model Optimizer's `hf_ptq.py` flag names are accepted as aliases so existing scripts keep
 working. Every user error is one line on stderr and exit code 2; `verify` exits 1 when the
@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from quantship import evaluate
 from quantship.errors import QuantshipError
 from quantship.pipeline import DEFAULT_MOE_MIN_TOKENS
 from quantship.recipes import KV_CACHE_FORMATS, RECIPES
@@ -127,6 +128,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Callable
     "quantize": (_add_quantize, run_quantize),
     "verify": (_add_verify, run_verify),
     "convert": (_add_convert, run_convert),
+    "eval": (evaluate.add_parser, evaluate.run),
 }
 
 
