@@ -37,6 +37,9 @@ class QuantTarget:
     input_amax: Tensor
     group: list[str] = field(default_factory=list)
     scales: dict[str, Tensor] = field(default_factory=dict)
+    # Tensors a weight algorithm (GPTQ) already chose, in the handler's layout; exported as
+    # they are instead of `handler.quantize(weight, scales)`, so no code is recomputed.
+    quantized: dict[str, Tensor] | None = None
 
 
 @dataclass
@@ -48,6 +51,7 @@ class QuantPlan:
     excluded: dict[str, str]  # module name -> reason it stays in high precision
     kv_scales: dict[str, dict[str, Tensor]]  # attention module -> {"k_scale", "v_scale"}
     coverage: dict[str, ExpertCoverage]
+    algorithm_report: dict | None = None  # what a weight algorithm other than max did (report.py)
 
     def target(self, key: str) -> QuantTarget:
         return next(t for t in self.targets if t.key == key)
