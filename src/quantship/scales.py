@@ -36,10 +36,9 @@ class QuantTarget:
     weight_amax: Tensor  # 0-dim, or [E] for fused experts
     input_amax: Tensor
     group: list[str] = field(default_factory=list)
+    # The handler's scales; a weight algorithm (GPTQ) adds the tensors it chose under their
+    # checkpoint names ("weight", NVFP4 "weight_scale"), which handler.quantize returns as they are.
     scales: dict[str, Tensor] = field(default_factory=dict)
-    # Tensors a weight algorithm (GPTQ) already chose, in the handler's layout; exported as
-    # they are instead of `handler.quantize(weight, scales)`, so no code is recomputed.
-    quantized: dict[str, Tensor] | None = None
 
 
 @dataclass

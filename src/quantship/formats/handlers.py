@@ -17,6 +17,13 @@ from torch import Tensor
 from quantship.formats import fp8, nvfp4
 
 
+def _precomputed(scales: dict[str, Tensor], keys: tuple[str, ...], per_tensor: frozenset[str]) -> dict[str, Tensor]:
+    """Tensors a weight algorithm (GPTQ) already chose, passed in `scales` under their checkpoint
+    names ("weight", block scales): returned as they are, since requantizing the compensated
+    weight could pick other codes than the ones the algorithm compensated for."""
+    return {k: scales[k].float() if k in per_tensor else scales[k] for k in keys}
+
+
 class FormatHandler(Protocol):
     name: str
     block_size: int | None
@@ -44,6 +51,8 @@ class NVFP4Handler:
         }
 
     def quantize(self, weight: Tensor, scales: dict[str, Tensor]) -> dict[str, Tensor]:
+        if "weight" in scales:
+            return _precomputed(scales, ("weight", "weight_scale", "weight_scale_2", "input_scale"), self.per_tensor)
         q = nvfp4.quantize_nvfp4(weight, scales["weight_scale_2"])
         return {
             "weight": q.packed,
@@ -76,6 +85,8 @@ class FP8Handler:
         }
 
     def quantize(self, weight: Tensor, scales: dict[str, Tensor]) -> dict[str, Tensor]:
+        if "weight" in scales:
+            return _precomputed(scales, ("weight", "weight_scale", "input_scale"), self.per_tensor)
         scale = scales["weight_scale"]
         if weight.dim() == 3:  # fused experts: one per-tensor scale per expert
             q = torch.stack([fp8.quantize_fp8(w, s)[0] for w, s in zip(weight, scale, strict=True)])
