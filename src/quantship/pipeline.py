@@ -21,9 +21,10 @@ from transformers.dynamic_module_utils import custom_object_save
 from quantship.calibration.observers import CalibrationStats, Calibrator
 from quantship.errors import QuantshipError
 from quantship.export import compressed_tensors, modelopt_hf
-from quantship.export.shards import ShardWriter, atomic_export_dir
+from quantship.export.sections import SectionShardWriter, model_sections
+from quantship.export.shards import atomic_export_dir
 from quantship.fake_quant import activation_fake_quant, swapped_weights
-from quantship.model.checkpoint_names import checkpoint_slices, checkpoint_state_dict
+from quantship.model.checkpoint_names import checkpoint_slices
 from quantship.model.discover import ModelStructure, discover
 from quantship.recipes import Recipe, get_kv_cache_format, get_recipe
 from quantship.scales import QuantPlan, build_plan, excluded_modules
@@ -52,31 +53,10 @@ class QuantizedModel:
         return self.plan.handler.quantize(t.weight, t.scales)
 
     def checkpoint_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Every tensor of the export under its checkpoint name, one target at a time."""
-        quantized_params = set()
-        handler = self.plan.handler
-        for t in self.plan.targets:
-            param = t.key if t.fused_experts else f"{t.key}.weight"
-            quantized_params.add(param)
-            slices = checkpoint_slices(self.model, param, t.weight.shape)
-            yield from modelopt_hf.split_module_tensors(self.quantized_tensors(t.key), slices, handler)
-        yield from self._high_precision_tensors(quantized_params)
-        for attn, scales in self.plan.kv_scales.items():
-            yield f"{attn}.k_proj.k_scale", scales["k_scale"].float().reshape(())
-            yield f"{attn}.v_proj.v_scale", scales["v_scale"].float().reshape(())
-
-    def _high_precision_tensors(self, quantized_params: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        seen_storage: set[int] = set()
-        rest = {}
-        for name, tensor in self.model.state_dict(keep_vars=False).items():
-            if name in quantized_params:
-                continue
-            ptr = tensor.untyped_storage().data_ptr()
-            if tensor.numel() and ptr in seen_storage and getattr(self.model.config, "tie_word_embeddings", False):
-                continue  # a tied copy (lm_head = embed_tokens); save_pretrained drops it too
-            seen_storage.add(ptr)
-            rest[name] = tensor
-        yield from checkpoint_state_dict(self.model, rest).items()
+        """Every tensor of the export under its checkpoint name, section by section (outside the
+        decoder layers, then each layer: the order the streaming path writes in)."""
+        for items in model_sections(self):
+            yield from items
 
     def exclude_modules(self) -> list[str]:
         """Checkpoint names of every module kept in high precision (for the exclude list)."""
@@ -106,12 +86,12 @@ class QuantizedModel:
 
         target = Path(path)
         hf_config = self.hf_quant_config()
-        quantization_config, tensors = compressed_tensors.from_modelopt(self.checkpoint_tensors(), hf_config,
-                                                                        export_format)
+        quantization_config, _ = compressed_tensors.from_modelopt((), hf_config, export_format)
         with atomic_export_dir(target, overwrite) as tmp:
-            writer = ShardWriter(tmp, max_shard_bytes, metadata={"producer": "quantship"})
-            for name, tensor in tqdm(tensors, desc="export", unit="tensor", disable=not progress):
-                writer.add(name, tensor)
+            writer = SectionShardWriter(tmp, max_shard_bytes, metadata={"producer": "quantship"})
+            for items in tqdm(model_sections(self), desc="export", unit="layer", disable=not progress,
+                              total=len(self.structure.decoder_layers) + 1):
+                writer.add_section(compressed_tensors.from_modelopt(items, hf_config, export_format)[1])
             writer.close()
             self._write_configs(tmp, hf_config, source_dir, tokenizer, quantization_config)
             report.write_reports(self, tmp)
