@@ -7,11 +7,13 @@ strings them together.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -28,6 +30,9 @@ from quantship.model.checkpoint_names import checkpoint_slices
 from quantship.model.discover import ModelStructure, discover
 from quantship.recipes import Recipe, get_kv_cache_format, get_recipe
 from quantship.scales import QuantPlan, build_plan, excluded_modules
+
+if TYPE_CHECKING:
+    from quantship.sources.extras import SourceExtras
 
 DEFAULT_MOE_MIN_TOKENS = 32
 TOKENIZER_FILES = (
@@ -72,29 +77,35 @@ class QuantizedModel:
         return sorted(names)
 
     # ------------------------------------------------------------------ export
-    def hf_quant_config(self) -> dict:
+    def hf_quant_config(self, extra_exclude: Iterable[str] = ()) -> dict:
         r = self.plan.recipe
         return modelopt_hf.hf_quant_config(r.quant_algo, r.group_size, self.plan.kv_format.quant_algo,
-                                           self.exclude_modules())
+                                           sorted({*self.exclude_modules(), *extra_exclude}))
 
     def export(self, path: str | Path, overwrite: bool = False, source_dir: str | Path | None = None,
                tokenizer=None, max_shard_bytes: int = 5 * 1024**3, progress: bool = True,
-               export_format: str = "modelopt") -> Path:
+               export_format: str = "modelopt", extra_tensors: SourceExtras | None = None) -> Path:
         """Write the checkpoint atomically: Model Optimizer's unified HF layout, or with
-        `export_format="compressed-tensors"` the same quantized bytes in compressed-tensors' layout."""
+        `export_format="compressed-tensors"` the same quantized bytes in compressed-tensors' layout.
+        `extra_tensors`: source tensors the model class does not hold (MTP layers), appended in high
+        precision and excluded; by default those found in `source_dir` (quantship.sources.extras)."""
         from quantship import report
+        from quantship.sources.extras import find_extras
 
         target = Path(path)
-        hf_config = self.hf_quant_config()
+        extra = extra_tensors if extra_tensors is not None else find_extras(source_dir, self.model)
+        hf_config = self.hf_quant_config(extra.exclude_modules)
         quantization_config, _ = compressed_tensors.from_modelopt((), hf_config, export_format)
         with atomic_export_dir(target, overwrite) as tmp:
             writer = SectionShardWriter(tmp, max_shard_bytes, metadata={"producer": "quantship"})
-            for items in tqdm(model_sections(self), desc="export", unit="layer", disable=not progress,
-                              total=len(self.structure.decoder_layers) + 1):
+            for items in tqdm(itertools.chain(model_sections(self), extra.sections()), desc="export", unit="layer",
+                              disable=not progress, total=len(self.structure.decoder_layers) + 1 + extra.num_sections):
                 writer.add_section(compressed_tensors.from_modelopt(items, hf_config, export_format)[1])
             writer.close()
             self._write_configs(tmp, hf_config, source_dir, tokenizer, quantization_config)
             report.write_reports(self, tmp)
+            extra.write_report(tmp)
+        extra.close()
         return target
 
     def _write_configs(self, directory: Path, hf_config: dict, source_dir, tokenizer,
