@@ -45,6 +45,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--export-format", "--export_format", dest="export_format", default="modelopt",
                    help="checkpoint layout: modelopt (default) or compressed-tensors")
+    p.add_argument("--algorithm", default="max",
+                   help="how weights are rounded: max (round-to-nearest, default) or gptq (error compensation)")
 
 
 def _add_verify(sub: argparse._SubParsersAction) -> None:
@@ -73,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_quantize(args: argparse.Namespace) -> int:
     import torch
 
+    from quantship.algorithms import check_algorithm
     from quantship.calibration.data import build_calibration_batches, load_documents, split_documents
     from quantship.export.compressed_tensors import check_export
     from quantship.pipeline import quantize
@@ -80,6 +83,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     from quantship.source import load_source_model
 
     recipe = get_recipe(args.qformat)  # fail fast on bad flags, before loading anything
+    check_algorithm(args.algorithm)
     kv_format = get_kv_cache_format(args.kv_cache_qformat)
     check_export(args.export_format, recipe.quant_algo, kv_format.quant_algo)
     for flag, value in (("--calib-size", args.calib_size), ("--calib-seq-len", args.calib_seq_len),
@@ -100,7 +104,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     batches = build_calibration_batches(tokenizer, documents, args.calib_size, args.calib_seq_len,
                                         args.batch_size, args.seed)
     qm = quantize(model, args.qformat, batches, kv_cache=args.kv_cache_qformat, exclude=args.exclude,
-                  moe_min_tokens=args.moe_min_tokens, progress=args.progress)
+                  moe_min_tokens=args.moe_min_tokens, progress=args.progress, algorithm=args.algorithm)
     qm.export(export, overwrite=args.overwrite, source_dir=args.model, progress=args.progress,
               export_format=args.export_format)
     print(f"exported {args.qformat} checkpoint to {export} (report: {export / 'report.md'})")

@@ -188,16 +188,25 @@ def run_calibration(model: nn.Module, calibrator: Calibrator, batches: Iterable[
 def quantize(model: nn.Module, recipe: str | Recipe = "nvfp4",
              calib_data: Iterable[dict[str, torch.Tensor]] = (), kv_cache: str | None = "none",
              exclude: Iterable[str] = (), moe_min_tokens: int = DEFAULT_MOE_MIN_TOKENS,
-             progress: bool = True) -> QuantizedModel:
-    """Calibrate `model` on `calib_data` (batches of input_ids) and plan every scale."""
+             progress: bool = True, algorithm: str = "max", gptq_config=None) -> QuantizedModel:
+    """Calibrate `model` on `calib_data` (batches of input_ids) and plan every scale; with
+    `algorithm="gptq"` the weights are then chosen by GPTQ layer by layer (`algorithms/`)."""
+    from quantship.algorithms import check_algorithm
+
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
     kv_format = get_kv_cache_format(kv_cache)
+    check_algorithm(algorithm)
     if moe_min_tokens < 0:
         raise QuantshipError(f"--moe-min-tokens must be >= 0, got {moe_min_tokens}")
+    calib_data = list(calib_data)
     model.eval()
     structure = discover(model)
     excluded = excluded_modules(structure, recipe, list(exclude))
     calibrator = Calibrator(model, structure, recipe, kv_format, moe_min_tokens, set(excluded))
     stats = run_calibration(model, calibrator, calib_data, progress)
     plan = build_plan(structure, recipe, kv_format, stats, excluded)
+    if algorithm == "gptq":
+        from quantship.algorithms.sequential import apply_gptq
+
+        apply_gptq(model, structure, plan, calib_data, gptq_config, progress)
     return QuantizedModel(model, structure, plan, stats)

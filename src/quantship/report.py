@@ -64,6 +64,10 @@ def report_markdown(qm: QuantizedModel, coverage: dict) -> str:
                 f"{len(info['fallback_experts'])} | {t[0]} / {t[len(t) // 2]} / {t[-1]} |"
             )
         lines.append("")
+    if plan.algorithm_report:
+        from quantship.algorithms.gptq_report import gptq_markdown
+
+        lines += gptq_markdown(plan.algorithm_report)
     reasons: dict[str, list[str]] = {}
     for name, why in plan.excluded.items():
         reasons.setdefault(why, []).append(name)
@@ -80,3 +84,5 @@ def write_reports(qm: QuantizedModel, directory: Path) -> None:
     coverage = coverage_dict(qm)
     (directory / "coverage.json").write_text(json.dumps(coverage, indent=1))
     (directory / "report.md").write_text(report_markdown(qm, coverage))
+    if qm.plan.algorithm_report:  # GPTQ: tokens per weight and expert, round-to-nearest fallbacks
+        (directory / "gptq.json").write_text(json.dumps(qm.plan.algorithm_report, indent=1))

@@ -1,0 +1,188 @@
+"""GPTQ (Frantar et al. 2022, arXiv:2210.17323) as pure tensor functions: Hessians and the
+column-by-column quantization with error compensation, batched over matrices.
+
+For a weight W [rows, cols] and calibration inputs X [n, cols] of its layer, GPTQ picks
+quantized values Q minimizing ||W Xᵀ - Q Xᵀ||², i.e. tr((W-Q) H (W-Q)ᵀ) with H = 2/n XᵀX. It
+quantizes one column at a time and spreads that column's rounding error over the columns not
+yet quantized, weighted by the inverse Hessian (the upper Cholesky factor of H⁻¹, "lazy
+batch" updates in blocks of `block_size` columns), exactly as in the paper's Algorithm 1.
+
+What a column is rounded to is the format's business (`gptq_formats.py`): the loop here calls
+`quantizer.column(...)` and never looks at codes, so the values GPTQ compensates against are
+exactly the values the checkpoint will hold.
+
+Every function takes a leading batch dimension B (1 for a Linear, one entry per expert for
+MoE experts): each matrix has its own Hessian, and one Python loop over columns serves all of
+them, so the loop count per layer does not grow with the number of experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from quantship.errors import QuantshipError
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    """Options of the GPTQ weight algorithm (defaults: the measured best on SmolLM2, bench/README.md)."""
+
+    block_size: int = 128  # lazy-batch width; a multiple of NVFP4's 16 so blocks never straddle it
+    damp: float = 0.01  # lambda = damp * mean(diag H), added to diag H (paper: 1%)
+    nvfp4_scales: str = "static"  # "static": block scales from the original weight; "dynamic": per block as reached
+    act_order: bool = False  # columns by decreasing diag H (static block scales and FP8 only)
+    act_quant: bool = True  # Hessian inputs and layer propagation with activations fake-quantized
+    # An expert (or any weight) whose Hessian saw fewer than this many input rows per input
+    # dimension falls back to round-to-nearest (see ExpertFallback in sequential.py).
+    min_tokens_per_dim: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.nvfp4_scales not in ("static", "dynamic"):
+            raise QuantshipError(f"GPTQ nvfp4_scales must be 'static' or 'dynamic', got {self.nvfp4_scales!r}")
+        if self.block_size <= 0 or self.block_size % 16:
+            raise QuantshipError(f"GPTQ block_size must be a positive multiple of 16, got {self.block_size}")
+        if not 0 < self.damp < 1:
+            raise QuantshipError(f"GPTQ damp must be in (0, 1), got {self.damp}")
+        if self.act_order and self.nvfp4_scales == "dynamic":
+            raise QuantshipError(
+                "GPTQ act_order needs static NVFP4 block scales: a dynamic block scale is derived when the "
+                "block's first column is reached, and under a permutation its other 15 columns are still "
+                "waiting for pending lazy-batch updates; use nvfp4_scales='static' with act_order"
+            )
+
+
+class ColumnQuantizer(Protocol):
+    """Rounds a batch of matrices one column at a time, remembering the codes it chose."""
+
+    def set_order(self, perm: Tensor) -> None:
+        """Columns will come in order `perm` [B, cols] (act-order); codes stay in original order."""
+
+    def column(self, j: int, block: Tensor, i: int) -> Tensor:
+        """Dequantized values [B, rows] (float32) of processing-order column `j`, which is column
+        `i` of `block` [B, rows, block_cols], the current (compensated) values of its GPTQ block."""
+
+
+# ------------------------------------------------------------------------------ Hessians
+class HessianAccumulator:
+    """Sum of xᵀx over the rows x [.., cols] fed to one weight (or one expert's weight).
+
+    Until it has seen `cols` rows it keeps the rows themselves (an expert routed 30 tokens costs
+    30·cols numbers, not cols²); then it folds them into a float32 [cols, cols] sum. So memory
+    per accumulator is at most cols² floats, and a 384-expert layer of mostly idle experts stays
+    small. `n` counts rows (tokens).
+    """
+
+    def __init__(self, cols: int):
+        self.cols = cols
+        self.n = 0
+        self._rows: list[Tensor] = []
+        self._sum: Tensor | None = None
+        self.last_input: Tensor | None = None  # fused siblings share one input tensor; count it once
+
+    def add(self, x: Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1])
+        if x.shape[-1] != self.cols:
+            raise ValueError(f"Hessian of {self.cols} inputs fed rows of {x.shape[-1]}")
+        if not x.shape[0]:
+            return
+        self.n += x.shape[0]
+        if self._sum is None and self.n < self.cols:
+            self._rows.append(x.clone())
+            return
+        if self._sum is None:
+            self._sum = torch.zeros(self.cols, self.cols, dtype=torch.float32, device=x.device)
+            x = torch.cat([*self._rows, x]) if self._rows else x
+            self._rows = []
+        xf = x.float()
+        self._sum.addmm_(xf.T, xf)
+
+    def hessian(self) -> Tensor:
+        """H = 2/n · XᵀX (float32); zeros when nothing was seen."""
+        if self._sum is None:
+            if not self._rows:
+                return torch.zeros(self.cols, self.cols)
+            xf = torch.cat(self._rows).float()
+            s = xf.T @ xf
+        else:
+            s = self._sum
+        return s * (2.0 / max(self.n, 1))
+
+
+# ------------------------------------------------------------------------------ GPTQ proper
+def _inverse_hessian_factor(h: Tensor, damp: float) -> Tensor:
+    """Upper Cholesky factor of (H + λI)⁻¹ with λ = damp · mean(diag H), per batch entry.
+
+    Computed in float64 (cols³ flops, negligible next to the column loop) so that a badly
+    conditioned Hessian loses no accuracy; if Cholesky still fails the dampening is raised
+    tenfold, up to three times, as reference implementations do.
+    """
+    h = h.double()
+    eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
+    mean_diag = torch.diagonal(h, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)
+    for attempt in range(4):
+        lam = damp * (10**attempt) * mean_diag
+        chol, info = torch.linalg.cholesky_ex(h + lam[:, None, None] * eye)
+        if not info.any():
+            hinv = torch.cholesky_inverse(chol)
+            upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if not info.any():
+                return upper.float()
+    raise QuantshipError("GPTQ: the calibration Hessian is not positive definite even after 1000x dampening; "
+                         "use more calibration text or --algorithm max")
+
+
+def gptq_quantize(weight: Tensor, hessian: Tensor, quantizer: ColumnQuantizer, config: GPTQConfig) -> Tensor:
+    """GPTQ of `weight` [B, rows, cols] under `hessian` [B, cols, cols]; returns the quantized
+    values [B, rows, cols] (float32) exactly as `quantizer` produced them.
+
+    Input dimensions the calibration never activated (diag H = 0) get diag 1: their columns are
+    decoupled from the rest (zero off-diagonal), so they are rounded to nearest and neither give
+    nor take compensation. (The reference code also zeroes their weights; we keep them, since
+    the calibration set proves nothing about those inputs.)
+    """
+    if weight.dim() != 3 or hessian.shape != (weight.shape[0], weight.shape[2], weight.shape[2]):
+        raise ValueError(f"gptq_quantize: weight {tuple(weight.shape)} and hessian {tuple(hessian.shape)} do not match")
+    w = weight.float().clone()
+    h = hessian.float().clone()
+    n_batch, _, cols = w.shape
+    diag = torch.diagonal(h, dim1=-2, dim2=-1)
+    diag[diag == 0] = 1.0  # a view: writes into h
+
+    perm = None
+    if config.act_order:
+        perm = torch.argsort(torch.diagonal(h, dim1=-2, dim2=-1), dim=-1, descending=True, stable=True)
+        w = w.gather(2, perm[:, None, :].expand_as(w))
+        h = h.gather(1, perm[:, :, None].expand_as(h)).gather(2, perm[:, None, :].expand_as(h))
+        quantizer.set_order(perm)
+
+    hinv = _inverse_hessian_factor(h, config.damp)
+    q = torch.zeros_like(w)
+    bs = config.block_size
+    for i1 in range(0, cols, bs):
+        i2 = min(i1 + bs, cols)
+        block = w[:, :, i1:i2].clone()
+        errors = torch.zeros_like(block)
+        hinv1 = hinv[:, i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = block[:, :, i]
+            qcol = quantizer.column(i1 + i, block, i)
+            q[:, :, i1 + i] = qcol
+            err = (col - qcol) / hinv1[:, i, i][:, None]
+            # The rounding error of column i, spread over the block's later columns.
+            block[:, :, i:] -= err[:, :, None] * hinv1[:, i, i:][:, None, :]
+            errors[:, :, i] = err
+        # Lazy batch update: the whole block's errors reach the remaining columns in one GEMM.
+        w[:, :, i2:] -= errors @ hinv[:, i1:i2, i2:]
+    if perm is not None:
+        q = q.gather(2, torch.argsort(perm, dim=-1)[:, None, :].expand_as(q))
+    return q
+
+
+def objective(weight: Tensor, quantized: Tensor, hessian: Tensor) -> Tensor:
+    """tr((W-Q) H (W-Q)ᵀ) per batch entry, in float64: the output error GPTQ minimizes."""
+    d = (weight.double() - quantized.double())
+    return torch.einsum("bri,bij,brj->b", d, hessian.double(), d)

@@ -1,0 +1,309 @@
+"""Layer-by-layer GPTQ: each decoder layer sees the inputs the already-quantized layers before
+it produce, collects one Hessian per weight (per expert for MoE) and is quantized in turn.
+
+`gptq_decoder_layer` handles one layer given its inputs and returns its outputs, so the
+streaming path can call it per decoder layer as it loads them; `apply_gptq` is the in-memory
+driver that captures the first layer's inputs and walks the layers.
+
+Decision (measured in bench/README.md): with `GPTQConfig.act_quant` (the default) a quantized
+Linear's input is fake-quantized with its calibrated input scale both for its Hessian and when
+the layer's outputs are propagated, so layer i is fitted to what the served W4A4/W8A8 model
+feeds it — the weight multiplies Q(x), not x, at inference.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from quantship.algorithms.gptq import GPTQConfig, HessianAccumulator, gptq_quantize, objective
+from quantship.algorithms.gptq_formats import GPTQ_FORMATS, GPTQFormat
+from quantship.algorithms.gptq_report import TargetResult, gptq_report
+from quantship.algorithms.layer_inputs import LayerCalls, capture_layer_inputs, run_layer
+from quantship.errors import QuantshipError
+from quantship.fake_quant import swapped_weights
+from quantship.formats.handlers import FormatHandler
+from quantship.model import experts as fused_ops
+from quantship.model.discover import FusedExperts, ModelStructure
+from quantship.scales import QuantPlan, QuantTarget
+
+# Matrices of one shape are batched through one GPTQ loop; this bounds a batch's float32
+# elements (weights + Hessians), so 384 experts do not need 384 Hessians at once.
+MAX_BATCH_ELEMENTS = 1 << 28
+
+
+@dataclass
+class _Matrix:
+    key: str
+    expert: int | None
+    weight: Tensor  # [rows, cols]
+    hessian: Tensor
+    scale: Tensor  # the format's per-matrix scale (fixed before GPTQ)
+    rows: dict[str, Tensor] = field(default_factory=dict)  # GPTQ's row tensors for this matrix
+    q: Tensor | None = None
+
+
+def _min_tokens(cols: int, config: GPTQConfig) -> int:
+    return math.ceil(config.min_tokens_per_dim * cols)
+
+
+class _LayerObservers:
+    """Forward hooks on one layer's targets: activation fake-quant and Hessian collection."""
+
+    def __init__(self, targets: list[QuantTarget], structure: ModelStructure, handler: FormatHandler,
+                 config: GPTQConfig):
+        self.collecting = True
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.patched: list[nn.Module] = []
+        self.linear: dict[str, HessianAccumulator] = {}
+        self.experts: dict[str, dict[int, HessianAccumulator]] = {}
+        modules = {t.name: t.module for t in structure.linears}
+        fused = {f"{fe.name}.{p}": fe for fe in structure.fused_experts for p in (fe.gate_up_param, fe.down_param)}
+        cache: dict[object, tuple[Tensor, Tensor]] = {}  # siblings share an input: fake-quantize it once
+        patched_fused: set[str] = set()
+        for t in targets:
+            if t.fused_experts:
+                fe = fused[t.key]
+                if fe.name not in patched_fused:
+                    patched_fused.add(fe.name)
+                    self._patch_fused(fe, targets, handler, config)
+                continue
+            acc = self.linear[t.key] = HessianAccumulator(t.weight.shape[-1])
+            scale = t.scales["input_scale"]
+
+            def hook(_m: nn.Module, args: tuple, acc=acc, scale=scale, group=tuple(t.group) or t.key):
+                x = args[0]
+                hit = cache.get(group)
+                if hit is not None and hit[0] is x:
+                    xq = hit[1]
+                else:
+                    xq = handler.fake_quant_input(x, scale) if config.act_quant else x
+                    cache[group] = (x, xq)
+                if self.collecting:
+                    acc.add(xq)
+                return (xq, *args[1:]) if config.act_quant else None
+
+            self.handles.append(modules[t.key].register_forward_pre_hook(hook))
+        self._cache = cache
+
+    def _patch_fused(self, fe: FusedExperts, targets: list[QuantTarget], handler: FormatHandler,
+                     config: GPTQConfig) -> None:
+        keys = {"gate_up": f"{fe.name}.{fe.gate_up_param}", "down": f"{fe.name}.{fe.down_param}"}
+        by_key = {t.key: t for t in targets}
+        if not all(k in by_key for k in keys.values()):
+            raise QuantshipError(f"fused experts {fe.name}: GPTQ needs both projections quantized")
+        scales = {kind: by_key[k].scales["input_scale"] for kind, k in keys.items()}
+        cols = {"gate_up": fe.hidden_size, "down": fe.intermediate_size}
+        for k in keys.values():
+            self.experts[k] = {}
+
+        def observe(kind: str, x: Tensor, e: int) -> None:
+            if self.collecting:
+                accs = self.experts[keys[kind]]
+                accs.setdefault(e, HessianAccumulator(cols[kind])).add(x)
+
+        def act(kind: str):
+            return (lambda x, e: handler.fake_quant_input(x, scales[kind][e])) if config.act_quant else None
+
+        def forward(hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+            out, _ = fused_ops.fused_experts_forward(fe, hidden, top_k_index, top_k_weights,
+                                                     act_quant_gate_up=act("gate_up"), act_quant_down=act("down"),
+                                                     on_input=observe)
+            return out
+
+        fused_ops.check_supported(fe)
+        fe.module.forward = forward
+        self.patched.append(fe.module)
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        for m in self.patched:
+            del m.forward
+        self._cache.clear()
+
+
+def _matrices(targets: list[QuantTarget], obs: _LayerObservers, fmt: GPTQFormat, config: GPTQConfig,
+              results: dict[str, TargetResult]) -> list[_Matrix]:
+    """One matrix per Linear and per expert with enough tokens; the rest keep round-to-nearest."""
+    mats = []
+    for t in targets:
+        scale = t.scales[fmt.matrix_scale]
+        need = _min_tokens(t.weight.shape[-1], config)
+        if t.fused_experts:
+            accs = obs.experts[t.key]
+            tokens = [accs[e].n if e in accs else 0 for e in range(t.weight.shape[0])]
+            ok = [n >= need for n in tokens]
+            mats += [_Matrix(t.key, e, t.weight[e], accs[e].hessian(), scale[e]) for e in range(len(ok)) if ok[e]]
+        else:
+            tokens = [obs.linear[t.key].n]
+            ok = [tokens[0] >= need]
+            if ok[0]:
+                mats.append(_Matrix(t.key, None, t.weight, obs.linear[t.key].hessian(), scale))
+        results[t.key] = TargetResult(tokens, ok, need)
+    return mats
+
+
+def _run_gptq(mats: list[_Matrix], fmt: GPTQFormat, config: GPTQConfig) -> None:
+    """GPTQ every matrix: those sharing a Hessian and scale (fused siblings) as one matrix of
+    stacked rows, and same-shaped ones (experts) batched through one column loop."""
+    merged: list[list[_Matrix]] = []
+    for m in mats:
+        for group in merged:
+            g = group[0]
+            if (g.expert is None and m.expert is None and g.weight.shape[-1] == m.weight.shape[-1]
+                    and torch.equal(g.scale, m.scale) and torch.equal(g.hessian, m.hessian)):
+                group.append(m)
+                break
+        else:
+            merged.append([m])
+    by_shape: dict[tuple[int, int], list[list[_Matrix]]] = {}
+    for group in merged:
+        shape = (sum(m.weight.shape[0] for m in group), group[0].weight.shape[1])
+        by_shape.setdefault(shape, []).append(group)
+    for (rows, cols), groups in by_shape.items():
+        step = max(1, MAX_BATCH_ELEMENTS // (rows * cols + cols * cols))
+        for s in range(0, len(groups), step):
+            chunk = groups[s : s + step]
+            w = torch.stack([torch.cat([m.weight for m in g]) for g in chunk])
+            h = torch.stack([g[0].hessian for g in chunk])
+            quantizer = fmt.columns(w, torch.stack([g[0].scale.float() for g in chunk]), config.nvfp4_scales)
+            q = gptq_quantize(w, h, quantizer, config)
+            row_tensors = quantizer.row_tensors()
+            for b, g in enumerate(chunk):
+                start = 0
+                for m in g:
+                    end = start + m.weight.shape[0]
+                    m.rows = {k: v[b, start:end] for k, v in row_tensors.items()}
+                    m.q = q[b, start:end]
+                    start = end
+
+
+@dataclass
+class LayerResult:
+    outputs: list[Tensor]  # the layer's output per batch, with its quantized weights
+    targets: dict[str, TargetResult]
+    seconds: dict[str, float]  # "collect" (forward + Hessians), "gptq", "propagate" (forward)
+
+
+def gptq_decoder_layer(layer: nn.Module, hidden: list[Tensor], calls: LayerCalls, targets: list[QuantTarget],
+                       structure: ModelStructure, handler: FormatHandler, config: GPTQConfig) -> LayerResult:
+    """Quantize one decoder layer's `targets` with GPTQ; returns the layer's outputs (computed
+    with its quantized weights, as the next layer will see them) and a result per target.
+
+    `hidden[b]`, `calls.args[b]`, `calls.kwargs[b]`: the layer's inputs for calibration batch b.
+    The layer's parameters are left as they were; the caller stores `TargetResult.rows`.
+    """
+    fmt = GPTQ_FORMATS.get(handler.name)
+    if fmt is None:
+        raise QuantshipError(f"--algorithm gptq does not support the {handler.name} format yet; use --algorithm max")
+    results: dict[str, TargetResult] = {}
+    obs = _LayerObservers(targets, structure, handler, config)
+    clock = [time.perf_counter()]
+    seconds = {}
+
+    def lap(name: str) -> None:
+        _sync(hidden)
+        now = time.perf_counter()
+        seconds[name] = now - clock[0]
+        clock[0] = now
+
+    try:
+        for b, x in enumerate(hidden):
+            run_layer(layer, x, calls, b)
+        obs.collecting = False
+        mats = _matrices(targets, obs, fmt, config, results)
+        obs.linear.clear()
+        obs.experts.clear()
+        lap("collect")
+        _run_gptq(mats, fmt, config)
+        swaps = _assemble(targets, mats, handler, results, structure)
+        lap("gptq")
+        with swapped_weights(swaps):
+            outputs = [run_layer(layer, x, calls, b) for b, x in enumerate(hidden)]
+        lap("propagate")
+    finally:
+        obs.close()
+    return LayerResult(outputs, results, seconds)
+
+
+def _sync(hidden: list[Tensor]) -> None:
+    if hidden and hidden[0].is_cuda:
+        torch.cuda.synchronize(hidden[0].device)
+
+
+def _assemble(targets: list[QuantTarget], mats: list[_Matrix], handler: FormatHandler,
+              results: dict[str, TargetResult], structure: ModelStructure) -> dict:
+    """Each target's GPTQ row tensors (round-to-nearest experts keep theirs), and the dequantized
+    weights to run the layer with."""
+    params = {f"{t.name}.weight": t.module.weight for t in structure.linears}
+    params.update({f"{fe.name}.{p}": getattr(fe.module, p) for fe in structure.fused_experts
+                   for p in (fe.gate_up_param, fe.down_param)})
+    by_key: dict[str, list[_Matrix]] = {}
+    for m in mats:
+        by_key.setdefault(m.key, []).append(m)
+    swaps = {}
+    for t in targets:
+        chosen = rtn = handler.quantize(t.weight, t.scales)
+        res = results[t.key]
+        got = by_key.get(t.key, [])
+        if got:
+            if t.fused_experts:
+                rows = {k: rtn[k].clone() for k in got[0].rows}
+                for m in got:
+                    for k, v in m.rows.items():
+                        rows[k][m.expert] = v
+            else:
+                rows = got[0].rows
+            res.rows = rows
+            chosen = handler.quantize(t.weight, {**t.scales, **rows})
+            idx = [m.expert for m in got] if t.fused_experts else None
+
+            def sel(x: Tensor, idx=idx) -> Tensor:
+                return x[idx] if idx is not None else x[None]
+
+            hs = torch.stack([m.hessian for m in got])
+            w = sel(t.weight)
+            err_gptq = objective(w, sel(handler.dequantize(chosen, torch.float32)), hs).sum()
+            err_rtn = objective(w, sel(handler.dequantize(rtn, torch.float32)), hs).sum()
+            res.error_ratio = float(err_gptq / err_rtn.clamp_min(1e-30))
+        param = t.key if t.fused_experts else f"{t.key}.weight"
+        swaps[param] = (params[param], handler.dequantize(chosen, t.weight.dtype))
+    return swaps
+
+
+def apply_gptq(model: nn.Module, structure: ModelStructure, plan: QuantPlan,
+               batches: Iterable[dict[str, Tensor]], config: GPTQConfig | None = None,
+               progress: bool = True) -> dict:
+    """GPTQ every planned target, decoder layer by decoder layer; the chosen tensors go into
+    `target.scales` under their checkpoint names, which `handler.quantize` returns as they are.
+    Returns the report (also `plan.algorithm_report`)."""
+    config = config or GPTQConfig()
+    hidden, calls = capture_layer_inputs(model, structure, list(batches))
+    by_layer: dict[str, list[QuantTarget]] = {name: [] for name, _ in structure.decoder_layers}
+    outside = []
+    for t in plan.targets:
+        layer = next((n for n in by_layer if t.key.startswith(n + ".")), None)
+        (by_layer[layer] if layer else outside).append(t)
+    results: dict[str, TargetResult] = {}
+    timings: dict[str, dict[str, float]] = {}
+    with torch.no_grad():
+        for (name, layer), layer_calls in tqdm(list(zip(structure.decoder_layers, calls, strict=True)),
+                                               desc="gptq", unit="layer", disable=not progress):
+            done = gptq_decoder_layer(layer, hidden, layer_calls, by_layer[name], structure, plan.handler, config)
+            hidden = done.outputs
+            results.update(done.targets)
+            timings[name] = done.seconds
+    by_key = {t.key: t for t in plan.targets}
+    for key, res in results.items():
+        if res.rows is not None:
+            by_key[key].scales.update(res.rows)
+    report = gptq_report(results, config, [t.key for t in outside], timings)
+    plan.algorithm_report = report
+    return report
