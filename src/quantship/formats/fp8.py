@@ -26,6 +26,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from quantship.formats.kernels import use_kernels
+
 FP8_MAX = 448.0
 
 
@@ -57,6 +59,10 @@ def quantize_fp8(w: Tensor, scale: Tensor | None = None) -> tuple[Tensor, Tensor
             raise ValueError(f"tensor of shape {tuple(w.shape)} contains NaN or inf")
         scale = scale_from_amax(amax)
     scale = _as_scalar_scale(scale, w.device)
+    if use_kernels(w):  # same bytes, one pass on the GPU (formats/kernels/)
+        from quantship.formats.kernels import fp8_triton
+
+        return fp8_triton.quantize(w, scale), scale
     quotient = (w.float() / scale).clamp(-FP8_MAX, FP8_MAX)
     if w.dtype in (torch.bfloat16, torch.float16):
         quotient = quotient.to(w.dtype)
@@ -65,10 +71,53 @@ def quantize_fp8(w: Tensor, scale: Tensor | None = None) -> tuple[Tensor, Tensor
 
 def dequantize_fp8(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.bfloat16) -> Tensor:
     """``q * scale`` in float32 (exact e4m3 -> float32, one rounding), then cast to ``dtype``."""
+    if use_kernels(q):
+        from quantship.formats.kernels import fp8_triton
+
+        return fp8_triton.dequantize(q, _as_scalar_scale(scale, q.device), dtype)
     return (q.float() * _as_scalar_scale(scale, q.device)).to(dtype)
 
 
 def fake_quantize_fp8(x: Tensor, scale: Tensor) -> Tensor:
     """Quantize-dequantize round trip in ``x.dtype`` (static per-tensor scale)."""
+    if use_kernels(x):  # fused: one read, one write
+        from quantship.formats.kernels import fp8_triton
+
+        return fp8_triton.fake_quantize(x, _as_scalar_scale(scale, x.device))
     q, s = quantize_fp8(x, scale)
     return dequantize_fp8(q, s, dtype=x.dtype)
+
+
+def quantize_fp8_experts(w: Tensor, scale: Tensor) -> Tensor:
+    """Fused experts ``[E, ...]`` with one per-tensor scale each: e4m3 codes, as
+    :func:`quantize_fp8` on every expert (one launch on the GPU)."""
+    scale = torch.as_tensor(scale, device=w.device).float().reshape(-1)
+    if scale.numel() != w.shape[0]:
+        raise ValueError(f"need one scale per expert ({w.shape[0]}), got {scale.numel()}")
+    if use_kernels(w):
+        from quantship.formats.kernels import fp8_triton
+
+        return fp8_triton.quantize(w, scale)
+    return torch.stack([quantize_fp8(e, s)[0] for e, s in zip(w, scale, strict=True)])
+
+
+def dequantize_fp8_experts(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """Inverse of :func:`quantize_fp8_experts`."""
+    scale = torch.as_tensor(scale, device=q.device).float().reshape(-1)
+    if scale.numel() != q.shape[0]:
+        raise ValueError(f"need one scale per expert ({q.shape[0]}), got {scale.numel()}")
+    if use_kernels(q):
+        from quantship.formats.kernels import fp8_triton
+
+        return fp8_triton.dequantize(q, scale, dtype)
+    return torch.stack([dequantize_fp8(e, s, dtype) for e, s in zip(q, scale, strict=True)])
+
+
+def _absmax(x: Tensor) -> Tensor:
+    """``|x|.max()`` as float32; one read on the GPU (NaN reads as inf there, NaN here:
+    non-finite either way)."""
+    if use_kernels(x):
+        from quantship.formats.kernels import amax
+
+        return amax.tensor_amax(x)
+    return x.abs().amax().float()

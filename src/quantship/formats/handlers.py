@@ -89,7 +89,7 @@ class FP8Handler:
             return _precomputed(scales, ("weight", "weight_scale", "input_scale"), self.per_tensor)
         scale = scales["weight_scale"]
         if weight.dim() == 3:  # fused experts: one per-tensor scale per expert
-            q = torch.stack([fp8.quantize_fp8(w, s)[0] for w, s in zip(weight, scale, strict=True)])
+            q = fp8.quantize_fp8_experts(weight, scale)
         else:
             q, scale = fp8.quantize_fp8(weight, scale)
         return {"weight": q, "weight_scale": scale.float(), "input_scale": scales["input_scale"].float()}
@@ -97,7 +97,7 @@ class FP8Handler:
     def dequantize(self, tensors: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
         q, scale = tensors["weight"], tensors["weight_scale"]
         if q.dim() == 3:
-            return torch.stack([fp8.dequantize_fp8(w, s, dtype) for w, s in zip(q, scale, strict=True)])
+            return fp8.dequantize_fp8_experts(q, scale, dtype)
         return fp8.dequantize_fp8(q, scale, dtype)
 
     def fake_quant_input(self, x: Tensor, input_scale: Tensor) -> Tensor:

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from quantship.formats.kernels import use_kernels
+
 E2M1_MAX = 6.0
 E4M3_MAX = 448.0
 BLOCK_SIZE = 16
@@ -198,6 +200,10 @@ def quantize_nvfp4(w: Tensor, scale_2: Tensor | None = None) -> NVFP4Weight:
     if w.ndim not in (2, 3):
         raise ValueError(f"quantize_nvfp4 expects [out, in] or [E, out, in], got shape {tuple(w.shape)}")
     _check_last_dim(w, "quantize_nvfp4")
+    if use_kernels(w):  # same bytes, one pass on the GPU (formats/kernels/)
+        from quantship.formats.kernels import nvfp4_triton
+
+        return nvfp4_triton.quantize(w, scale_2)
     if scale_2 is None:
         amax = w.abs().amax(dim=(-2, -1))
         if not torch.isfinite(amax).all():
@@ -216,6 +222,10 @@ def dequantize_nvfp4(
     packed: Tensor, block_scale: Tensor, scale_2: Tensor, dtype: torch.dtype = torch.bfloat16
 ) -> Tensor:
     """``value * block_scale * scale_2`` computed in float32, then cast to ``dtype``."""
+    if use_kernels(packed):
+        from quantship.formats.kernels import nvfp4_triton
+
+        return nvfp4_triton.dequantize(packed, block_scale, scale_2, dtype)
     codes = unpack_fp4(packed)
     _check_last_dim(codes, "dequantize_nvfp4")
     return _decode(codes, block_scale, _per_block(scale_2, codes, "scale_2"), dtype)
@@ -242,5 +252,9 @@ def fake_quantize_nvfp4_activation(x: Tensor, input_scale: Tensor) -> Tensor:
     s = s.reshape(())
     if not (torch.isfinite(s) and s > 0):
         raise ValueError(f"input_scale must be finite and positive, got {s.item()}")
+    if use_kernels(x):
+        from quantship.formats.kernels import nvfp4_triton
+
+        return nvfp4_triton.fake_quantize_activation(x, s)
     scale = _block_scales(x, s)
     return _decode(_encode(x, scale, s), scale, s, x.dtype)
