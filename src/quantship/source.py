@@ -43,12 +43,19 @@ def load_source_model(path: str, trust_remote_code: bool = False, device: str | 
     """(model, tokenizer) from a local folder (or a hub id when reachable)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from quantship.sources.load import load_if_quantized
+
     check_model_dir(path)
     local = Path(path).expanduser().is_dir()
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code, local_files_only=local
-        )
+        # FP8-block / INT4 / NVFP4 sources: dequantized tensor by tensor, no BF16 copy (quantship.sources).
+        model = load_if_quantized(path, dtype, trust_remote_code) if local else None
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, trust_remote_code=trust_remote_code, local_files_only=local
+            )
+    except QuantshipError:
+        raise
     except ValueError as e:
         text = str(e)
         if "trust_remote_code" in text:

@@ -10,14 +10,16 @@ together, which is the BF16 copy again, only in RAM.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from quantship.model.from_state_dict import model_from_state_dict
-from quantship.sources.reader import SourceCheckpoint
+from quantship.sources.reader import READABLE_METHODS, SourceCheckpoint, quantization_metadata
 
 _SAFETENSORS_NAMES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 
@@ -62,3 +64,19 @@ def load_dequantized_model(source: SourceCheckpoint, dtype: torch.dtype = torch.
     does not hold (MTP layers) are left in the source (see `sources.extras`)."""
     with sequential_loading():
         return model_from_state_dict(source.path, lazy_state_dict(source, dtype), dtype, trust_remote_code)
+
+
+def load_if_quantized(path: str | Path, dtype: torch.dtype = torch.bfloat16,
+                      trust_remote_code: bool = False) -> nn.Module | None:
+    """The dequantized model when the folder holds a source quantized in a format we read (by its
+    quantization metadata), else None: unquantized folders, and other methods transformers may know,
+    load through `from_pretrained` as before."""
+    path = Path(path).expanduser()
+    qc = quantization_metadata(path, json.loads((path / "config.json").read_text()))
+    if qc is None or qc.get("quant_method") not in READABLE_METHODS:
+        return None
+    source = SourceCheckpoint(path)
+    try:
+        return load_dequantized_model(source, dtype, trust_remote_code)
+    finally:
+        source.close()

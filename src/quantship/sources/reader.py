@@ -35,12 +35,21 @@ SUPPORTED = "FP8-block (quant_method fp8 + weight_block_size), compressed-tensor
             "nvfp4-pack-quantized, Model Optimizer NVFP4/FP8, or unquantized"
 
 
-def _source_layouts(directory: Path, config: dict) -> tuple[str, list[Layout], dict]:
-    """(format name, the layouts its quantized modules may use, format parameters) from the metadata."""
+READABLE_METHODS = ("fp8", "compressed-tensors", "modelopt")
+
+
+def quantization_metadata(directory: Path, config: dict) -> dict | None:
+    """config.json's `quantization_config`, else Model Optimizer's hf_quant_config.json; None if neither."""
     qc = config.get("quantization_config")
     hf_quant = directory / "hf_quant_config.json"
     if not qc and hf_quant.is_file():
         qc = {"quant_method": "modelopt", **json.loads(hf_quant.read_text()).get("quantization", {})}
+    return qc or None
+
+
+def _source_layouts(directory: Path, config: dict) -> tuple[str, list[Layout], dict]:
+    """(format name, the layouts its quantized modules may use, format parameters) from the metadata."""
+    qc = quantization_metadata(directory, config)
     if not qc:
         return PLAIN, [], {}
     method = qc.get("quant_method")
