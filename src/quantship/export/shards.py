@@ -2,15 +2,25 @@
 
 Tensors are appended one at a time and flushed to a shard file once the shard reaches its size
 limit, so an export never holds more than one shard in memory. The whole export is built in a
-temporary sibling directory and renamed into place at the end: the target path either holds
-the previous content or a complete checkpoint, never a partial one.
+temporary sibling directory and swapped into place at the end: the target path either holds
+the previous content or a complete checkpoint, never a partial one, whenever the process dies.
+
+Temporary siblings are named `.quantship-tmp-<kind>-<pid>-<target>...` and carry an flock held
+by the exporting process for as long as they are in use. The next export into the same parent
+(or `check_target`) removes the ones nobody holds, and puts back a previous export that a killed
+`--overwrite` had moved aside, so a pid reused after a crash (pid 1 in a restarted container)
+cannot keep them alive and a killed swap cannot lose the previous checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import fcntl
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -22,6 +32,28 @@ from safetensors.torch import save_file
 from quantship.errors import QuantshipError
 
 TEMP_PREFIX = ".quantship-tmp-"
+# Kinds of temporary sibling: "init" exists only between mkdtemp and taking its lock, "new" is
+# the export being built, "old" a previous export moved aside during an --overwrite swap.
+_INIT, _NEW, _OLD = "init", "new", "old"
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """safetensors' save_file, with its I/O failures raised as OSError.
+
+    safetensors reports a full disk as `SafetensorError("... I/O error: No space left on device
+    (os error 28)")`, which is not an OSError; callers need the errno to explain it.
+    """
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except OSError:
+        raise
+    except Exception as e:
+        found = re.search(r"\(os error (\d+)\)", str(e))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from e
 
 
 class ShardWriter:
@@ -53,7 +85,7 @@ class ShardWriter:
         if not self._pending:
             return
         index = len(self._shards)
-        save_file(self._pending, str(self.directory / f"shard-{index:05d}.partial"), metadata=self.metadata)
+        _save(self._pending, self.directory / f"shard-{index:05d}.partial", self.metadata)
         self._shards.append(list(self._pending))
         self._pending, self._pending_bytes = {}, 0
 
@@ -75,25 +107,82 @@ class ShardWriter:
 
 
 def check_target(target: Path, overwrite: bool) -> None:
-    """Refuse an existing target without --overwrite, and an unwritable parent, before any work."""
-    if target.exists() and not overwrite:
-        raise QuantshipError(f"export path {target} already exists; choose another path or pass --overwrite")
-    parent = target.parent if target.parent != Path("") else Path(".")
+    """Refuse an existing target without --overwrite, and an unwritable parent, before any work.
+
+    First tidies what a killed export left beside the target (see `clean_stale_temps`), so a
+    previous export that a killed swap had moved aside is back in place before it is judged.
+    """
+    target = Path(target)
+    parent = _parent(target)
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise QuantshipError(f"export path {target} is not writable ({e.strerror}); choose a writable directory") from None
     if not os.access(parent, os.W_OK):
         raise QuantshipError(f"export path {target} is not writable; choose a writable directory")
+    clean_stale_temps(parent)
+    if target.exists() and not overwrite:
+        raise QuantshipError(f"export path {target} already exists; choose another path or pass --overwrite")
+
+
+def _parent(target: Path) -> Path:
+    return target.parent if str(target.parent) else Path(".")
+
+
+def _parse(name: str) -> tuple[str, int | None, str]:
+    """(kind, pid, target name) of a temporary sibling's file name; kind "" if not ours."""
+    found = re.fullmatch(rf"{re.escape(TEMP_PREFIX)}(init|new|old)-(\d+)-(.+)", name)
+    if found is None:  # an older quantship's `.quantship-tmp-<target>-<random>-<pid>`
+        pid = name.rsplit("-", 1)[-1]
+        return "", int(pid) if pid.isdigit() else None, ""
+    kind, pid, rest = found.groups()
+    return kind, int(pid), rest
 
 
 def clean_stale_temps(parent: Path) -> None:
-    """Remove temp dirs left by a killed earlier export into the same parent."""
-    for stale in parent.glob(f"{TEMP_PREFIX}*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and _alive(int(pid)):
+    """Remove temp dirs left by a killed earlier export into the same parent; put back a
+    previous export that a killed --overwrite had moved aside and not yet replaced."""
+    for stale in sorted(Path(parent).glob(f"{TEMP_PREFIX}*")):
+        kind, pid, target_name = _parse(stale.name)
+        if _in_use(stale, kind, pid):
             continue
-        shutil.rmtree(stale, ignore_errors=True)
+        target = stale.with_name(target_name) if kind == _OLD else None
+        if target is not None and not os.path.lexists(target):
+            # The swap died between its two renames: the previous export goes back. Should that
+            # fail, it stays where it is rather than being deleted.
+            with contextlib.suppress(OSError):
+                os.replace(stale, target)
+            continue
+        _remove(stale)
+
+
+def _remove(path: Path) -> None:
+    """Delete a directory tree, or a file that an --overwrite swapped out."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _in_use(path: Path, kind: str, pid: int | None) -> bool:
+    """Whether a live export holds `path`: its flock; the pid where there is no lock yet ("init",
+    an older quantship) or the filesystem has no flock (some network filesystems)."""
+    if kind in ("", _INIT):
+        return pid is not None and _alive(pid)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return pid is not None and _alive(pid)
+    finally:
+        os.close(fd)  # also drops the probe's lock
+    return False
 
 
 def _alive(pid: int) -> bool:
@@ -101,33 +190,87 @@ def _alive(pid: int) -> bool:
         return True
     try:
         os.kill(pid, 0)
-    except OSError:
+    except ProcessLookupError:
         return False
+    except OSError:  # EPERM: it exists, under another user
+        return True
     return True
+
+
+def _lock(path: Path) -> int:
+    """Hold an flock on a directory until the returned fd is closed (or the process dies)."""
+    fd = os.open(path, os.O_RDONLY)
+    # Held by someone else, or no flock on this filesystem: the pid in the name names the owner.
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one atomic step (Linux renameat2 RENAME_EXCHANGE).
+
+    False where the kernel, libc or filesystem cannot; the caller then renames in two steps.
+    """
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
+    """Put the finished `tmp` at `target`, replacing a previous export there."""
+    if not target.exists():
+        os.replace(tmp, target)
+        return
+    if _exchange(tmp, target):  # target now complete; tmp holds the previous export
+        _remove(tmp)
+        return
+    # Two renames: if killed between them, clean_stale_temps puts the "old" dir back.
+    old = target.with_name(f"{TEMP_PREFIX}{_OLD}-{os.getpid()}-{target.name}")
+    old_lock = _lock(target) if target.is_dir() else None
+    try:
+        os.replace(target, old)
+        os.replace(tmp, target)
+        _remove(old)
+    finally:
+        if old_lock is not None:
+            os.close(old_lock)
 
 
 @contextlib.contextmanager
 def atomic_export_dir(target: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temp dir beside `target`; on success rename it into place, on failure delete it."""
+    """Yield a temp dir beside `target`; on success swap it into place, on failure delete it.
+
+    A full disk (ENOSPC, EDQUOT) while writing is raised as a one-line `QuantshipError`.
+    """
     target = Path(target)
     check_target(target, overwrite)
-    parent = target.parent if str(target.parent) else Path(".")
-    clean_stale_temps(parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{target.name}-", dir=parent))
-    final_tmp = tmp.with_name(f"{tmp.name}-{os.getpid()}")
-    tmp.rename(final_tmp)
+    parent = _parent(target)
+    pid = os.getpid()
+    init = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{_INIT}-{pid}-{target.name}-", dir=parent))
+    lock = _lock(init)
+    tmp = init.with_name(init.name.replace(f"{TEMP_PREFIX}{_INIT}-", f"{TEMP_PREFIX}{_NEW}-", 1))
     try:
-        yield final_tmp
-    except BaseException:
-        shutil.rmtree(final_tmp, ignore_errors=True)
-        raise
-    if target.exists():
-        if not overwrite:  # appeared while we worked
-            shutil.rmtree(final_tmp, ignore_errors=True)
+        os.replace(init, tmp)  # only now, locked, may a cleaner judge it by its lock
+        try:
+            yield tmp
+        except OSError as e:
+            if e.errno in _NO_SPACE:
+                raise QuantshipError(
+                    f"no space left on the device while writing {target} ({e.strerror}); "
+                    "free space or export elsewhere (nothing was written to the target)"
+                ) from None
+            raise
+        if target.exists() and not overwrite:  # appeared while we worked
             raise QuantshipError(f"export path {target} appeared during the export; rerun with --overwrite")
-        old = target.with_name(f"{TEMP_PREFIX}old-{target.name}-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(final_tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(final_tmp, target)
+        _swap_in(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # a no-op once swapped in
+        shutil.rmtree(init, ignore_errors=True)
+        os.close(lock)
