@@ -30,12 +30,14 @@ def split_module_tensors(
     Row-aligned tensors (packed weight, block scales) take the slice's rows; per-tensor scales
     take the slice's expert entry. Stateless: inputs are not modified.
     """
+    select = getattr(handler, "select_rows", None)  # optional hook: packed rows, tiles, per-input vectors
     for sl in slices:
         for suffix, value in tensors.items():
             if sl.expert is not None:
                 value = value[sl.expert]
             if suffix not in handler.per_tensor:
-                value = value.index_select(0, sl.rows.to(value.device))
+                value = (select(suffix, value, sl.rows) if select is not None
+                         else value.index_select(0, sl.rows.to(value.device)))
             yield f"{sl.module}.{suffix}", value.reshape(()) if suffix in handler.per_tensor else value
 
 

@@ -105,3 +105,23 @@ class FP8Handler:
 
 
 FORMAT_HANDLERS: dict[str, FormatHandler] = {h.name: h for h in (NVFP4Handler(), FP8Handler())}
+
+
+def _register_more_formats() -> None:
+    """The rest of hf_ptq's formats (own modules: `handlers_int.py`, `handlers_float.py`), and an
+    MSE weight-scale-searched variant `<name>+mse` of every block format. Optional hook a handler
+    may define: `select_rows(suffix, value, rows)`, how a tensor is cut when a fused weight
+    splits into checkpoint tensors (default: `index_select(0, rows)`)."""
+    from quantship.algorithms.mse_scale_search import with_mse
+    from quantship.formats.handlers_float import FLOAT_HANDLERS, NVFP4AWQHandler
+    from quantship.formats.handlers_int import INT_HANDLERS
+
+    for h in (*INT_HANDLERS, *FLOAT_HANDLERS):
+        FORMAT_HANDLERS[h.name] = h
+    # nvfp4 with searched block scales: nvfp4_awq's numerics without a pre_quant_scale.
+    for h in (NVFP4AWQHandler(name="nvfp4"), *INT_HANDLERS, *FLOAT_HANDLERS):
+        if hasattr(h, "block_amax") and h.name != "nvfp4_four_over_six":  # 4/6 is a search itself
+            FORMAT_HANDLERS[f"{h.name}+mse"] = with_mse(h)
+
+
+_register_more_formats()
