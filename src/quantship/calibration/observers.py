@@ -7,7 +7,8 @@ algorithm, nothing is fake-quantized while statistics are gathered.
 MoE coverage: every routed expert's token count is recorded. Experts whose count is still
 below `min_tokens` after a batch also see every token of that batch pushed through them on
 the side (the block's output is untouched); since counts only grow, an expert that ends below
-the threshold has that all-token statistic over the whole calibration set.
+the threshold has that all-token statistic over the whole calibration set. For fused experts
+that side pass is deferred and limited to the experts still cold (`expert_fallback.py`).
 """
 
 from __future__ import annotations
@@ -22,19 +23,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from quantship.calibration.amax import absmax, max_into
+from quantship.calibration.expert_fallback import DEFAULT_STASH_BYTES, FusedExpertsFallback
 from quantship.model import experts as fused_ops
 from quantship.model.discover import ModelStructure, MoEBlock
 from quantship.recipes import KVCacheFormat, Recipe
 
-
-def _amax(x: torch.Tensor) -> torch.Tensor:
-    return x.detach().abs().amax().float()
-
-
-def _max_into(store: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
-    value = value.detach().float()
-    old = store.get(key)
-    store[key] = value.clone() if old is None else torch.maximum(old, value.to(old.device))
+_amax = absmax  # one read on CUDA (a Triton kernel), no host sync
+_max_into = max_into
 
 
 @dataclass
@@ -65,7 +61,8 @@ class Calibrator:
     """Attaches hooks for one recipe, collects `CalibrationStats` over any number of forwards."""
 
     def __init__(self, model: nn.Module, structure: ModelStructure, recipe: Recipe,
-                 kv_format: KVCacheFormat, min_tokens: int, excluded: set[str]):
+                 kv_format: KVCacheFormat, min_tokens: int, excluded: set[str],
+                 fallback_stash_bytes: int = DEFAULT_STASH_BYTES):
         self.model = model
         self.structure = structure
         self.recipe = recipe
@@ -73,6 +70,7 @@ class Calibrator:
         self.min_tokens = min_tokens
         self.excluded = excluded
         self.stats = CalibrationStats()
+        self.fallback = FusedExpertsFallback(self.stats.fallback_amax, min_tokens, fallback_stash_bytes)
         self._fallback_mode = False
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._patched: list[nn.Module] = []
@@ -128,6 +126,7 @@ class Calibrator:
         self.stats.coverage[block.name] = ExpertCoverage(block.name, counts, self.min_tokens)
         gate_up_key = f"{fe.name}.{fe.gate_up_param}"
         down_key = f"{fe.name}.{fe.down_param}"
+        self.fallback.add_block(block.name, fe, counts, (gate_up_key, down_key))
         original_forward = fe.module.forward
 
         def forward(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
@@ -135,17 +134,9 @@ class Calibrator:
                 fused_ops.check_layout(fe, hidden, top_k_index, top_k_weights, original_forward)
                 self._layout_checked.add(fe.name)
             out, st = fused_ops.fused_experts_forward(fe, hidden, top_k_index, top_k_weights)
-            counts.add_(st.tokens.cpu())
             _max_into(self.stats.routed_amax, gate_up_key, st.gate_up_input_amax)
             _max_into(self.stats.routed_amax, down_key, st.down_input_amax)
-            low = (counts < self.min_tokens).nonzero().flatten().tolist()
-            if low:
-                all_gate_up = torch.zeros(block.num_experts, device=hidden.device)
-                all_gate_up[low] = _amax(hidden)
-                all_down = torch.zeros(block.num_experts, device=hidden.device)
-                all_down[low] = fused_ops.all_token_down_input_amax(fe, hidden, low)
-                _max_into(self.stats.fallback_amax, gate_up_key, all_gate_up)
-                _max_into(self.stats.fallback_amax, down_key, all_down)
+            self.fallback.record(block.name, hidden, st.tokens)
             return out
 
         fe.module.forward = forward
@@ -239,5 +230,6 @@ class Calibrator:
         try:
             with kv:
                 yield self.stats
+            self.fallback.flush()  # deferred all-token statistics, final token counts
         finally:
             self.detach()

@@ -1,0 +1,28 @@
+"""The two reductions every observer runs on every calibration forward."""
+
+from __future__ import annotations
+
+import torch
+
+from quantship.formats.kernels import use_kernels
+
+
+def absmax(x: torch.Tensor) -> torch.Tensor:
+    """``|x|.max()`` as a 0-dim float32 tensor on ``x``'s device, without a host sync.
+
+    On CUDA one Triton read of ``x`` (torch's ``x.abs().amax()`` writes and re-reads an ``|x|``
+    temporary); NaN reads as inf there and stays NaN here, non-finite either way, which
+    ``scales.py`` refuses."""
+    x = x.detach()
+    if use_kernels(x):
+        from quantship.formats.kernels.amax import tensor_amax
+
+        return tensor_amax(x)
+    return x.abs().amax().float()
+
+
+def max_into(store: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
+    """``store[key] = max(store[key], value)`` elementwise, creating the entry on first use."""
+    value = value.detach().float()
+    old = store.get(key)
+    store[key] = value.clone() if old is None else torch.maximum(old, value.to(old.device))
