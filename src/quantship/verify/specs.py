@@ -13,7 +13,7 @@ Read from the producers' installed sources:
 
 import fnmatch
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 MODELOPT = "modelopt"
 COMPRESSED_TENSORS = "compressed-tensors"
@@ -65,10 +65,13 @@ class AlgoSpec:
     # Model Optimizer skips FP8 in `_fuse_shared_input_modules` (unified_export_hf.py) and
     # serving engines requantize the shards to their max weight scale at load time.
     fused_shared: tuple[str, ...]
+    # Tensors a module may carry but need not: AWQ's `pre_quant_scale` is folded into the
+    # preceding norm where one feeds the module (Model Optimizer `fuse_prequant_layernorm`).
+    optional: dict[str, ScaleSpec] = field(default_factory=dict)
 
     @property
     def names(self) -> tuple[str, ...]:
-        return (self.weight, *self.scales)
+        return (self.weight, *self.scales, *self.optional)
 
 
 _ONE_F32 = ScaleSpec(("F32",), "one")
@@ -116,6 +119,39 @@ SPECS: dict[tuple[str, str], AlgoSpec] = {
         fused_shared=("input_scale",),
     ),
 }
+
+# The rest of hf_ptq's formats, as Model Optimizer 0.47 writes them (its own per-module export is
+# the oracle: tests/formats/test_more_formats_modelopt.py). Shape kinds other than "one",
+# "blocks" and "one_or_row" are named for the reader; checks.py checks their dtype and values.
+_ROWS_F32 = ScaleSpec(("F32",), "rows")  # [out]
+_PQS = {"pre_quant_scale": ScaleSpec(FLOAT_SCALE_DTYPES, "per_input")}  # [in]
+
+
+def _more(weight_dtype: str, packed: bool, scales: dict[str, ScaleSpec], shared: tuple[str, ...] = (),
+          optional: dict[str, ScaleSpec] | None = None) -> AlgoSpec:
+    return AlgoSpec("weight", weight_dtype, packed, scales, "input_scale", shared, dict(optional or {}))
+
+
+_W4A8_SCALES = {"weight_scale_2": _ONE_F32, "input_scale": _ONE_F32}
+SPECS.update({
+    (MODELOPT, "FP8_PER_CHANNEL_PER_TOKEN"): _more("F8_E4M3", False, {"weight_scale": _ROWS_F32}),
+    (MODELOPT, "fp8_pb_wo"): _more("F8_E4M3", False, {"weight_scale": ScaleSpec(("F32",), "tiles_128")}),
+    # INT4 packs pairs of output rows: weight [out/2, in], weight_scale [out, in/group].
+    (MODELOPT, "W4A16_AWQ"): _more("U8", False, {"weight_scale": ScaleSpec(("F32",), "int4_groups")},
+                                   optional=_PQS),
+    (MODELOPT, "W4A8_AWQ"): _more("U8", False, {"weight_scale": ScaleSpec(("F32",), "int4_groups"),
+                                                **_W4A8_SCALES}, ("weight_scale_2", "input_scale"), _PQS),
+    (MODELOPT, "NVFP4_AWQ"): _more("U8", True, {"weight_scale": _BLOCKS_E4M3, **_W4A8_SCALES},
+                                   ("weight_scale_2", "input_scale"), _PQS),
+    (MODELOPT, "W4A8_NVFP4_FP8"): _more("U8", True, {"weight_scale": _BLOCKS_E4M3, **_W4A8_SCALES},
+                                        ("weight_scale_2", "input_scale")),
+    (MODELOPT, "MXFP8"): _more("F8_E4M3", False, {"weight_scale": ScaleSpec(("U8",), "blocks")}),
+    # Model Optimizer writes no group_size for mxfp4 (lower case: its fall-through name).
+    (MODELOPT, "mxfp4"): _more("U8", True, {"weight_scale": ScaleSpec(("U8",), "blocks_32")}),
+    (MODELOPT, "W8A8_SQ_PER_CHANNEL"): _more("I8", False, {"weight_scale": _ROWS_F32, "input_scale": _ONE_F32},
+                                             ("input_scale",), _PQS),
+    (MODELOPT, "W8A16"): _more("I8", False, {"weight_scale": _ROWS_F32}),
+})
 KNOWN_ALGOS = sorted({algo for _, algo in SPECS})
 
 # Any module carrying one of these is a quantized module, whatever the declared format.
