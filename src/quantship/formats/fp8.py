@@ -16,6 +16,7 @@ Remaining differences:
   bf16-rounded scale); we always keep the float32 scale that its export path and the
   checkpoint use.
 - An all-zero tensor: Model Optimizer's scale is 0 (0/0 = NaN codes); ours is 1/448.
+- A scale never goes below the smallest normal float32 (amax under ~5e-36, fp32 subnormals).
 - Saturation is an explicit clamp at ±448 rather than the cast's own overflow behaviour.
 - Dequantize: Model Optimizer multiplies in the target dtype (scale rounded to bf16 first); we
   multiply in float32 and round once.
@@ -36,7 +37,9 @@ def scale_from_amax(amax: Tensor) -> Tensor:
     positive scale reproduces zeros exactly, and a zero scale would turn them into 0/0 = NaN."""
     amax = torch.as_tensor(amax).float()
     amax = torch.where(amax == 0, torch.ones_like(amax), amax)
-    return amax / FP8_MAX
+    # Floored at the smallest normal float32: a subnormal amax (fp32 tensors under ~5e-36) would
+    # give a zero scale (0/0 = NaN) or one of a few bits that the tensor's own amax overflows.
+    return (amax / FP8_MAX).clamp_min(torch.finfo(torch.float32).smallest_normal)
 
 
 def _as_scalar_scale(scale: Tensor, device: torch.device) -> Tensor:

@@ -11,11 +11,13 @@ Conventions defined here, once (consumers: ``export/`` writers and the serving e
   * scale_2. compressed-tensors stores its reciprocal as ``weight_global_scale``.
 - Nibble order: the even element of a pair sits in the low nibble (``byte = c[2i] | c[2i+1] << 4``).
 
-Known divergences from Model Optimizer (both deliberate):
+Known divergences from Model Optimizer (all deliberate):
 
 - An all-zero tensor: Model Optimizer computes ``scale_2 = 0`` and then 0/0 = NaN block scales
   (and codes 7, i.e. +6.0); we use the scale of ``amax = 1.0`` so everything stays finite and
   dequantizes to exact zeros.
+- ``scale_2`` never goes below the smallest normal float32 (amax under ~3e-35: fp32 subnormals),
+  where Model Optimizer's underflows to 0 or to a few-bit subnormal.
 - Code 8 (sign bit alone) dequantizes to ``-0.0`` here and to ``+0.0`` in Model Optimizer's table.
   The two compare equal; only ``signbit`` tells them apart.
 """
@@ -116,7 +118,10 @@ def global_scale_from_amax(amax: Tensor) -> Tensor:
     """
     amax = torch.as_tensor(amax).float()
     amax = torch.where(amax == 0, torch.ones_like(amax), amax)
-    return amax / (E2M1_MAX * E4M3_MAX)
+    # A subnormal amax (fp32 weights under ~3e-35) would give a zero or few-bit scale_2: zero
+    # scales, 0/0 block scales. Floored at the smallest normal float32, such a tensor
+    # quantizes to its nearest codes under that scale, never to NaN.
+    return (amax / (E2M1_MAX * E4M3_MAX)).clamp_min(torch.finfo(torch.float32).smallest_normal)
 
 
 def input_scale_from_amax(amax: Tensor) -> Tensor:
