@@ -47,6 +47,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    help="checkpoint layout: modelopt (default) or compressed-tensors")
     p.add_argument("--algorithm", default="max",
                    help="how weights are rounded: max (round-to-nearest, default) or gptq (error compensation)")
+    p.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=None,
+                   help="calibrate and export one decoder layer at a time in bounded memory, resumable after a "
+                        "kill, multi-GPU under torchrun (default: only when the model does not fit the GPU)")
 
 
 def _add_verify(sub: argparse._SubParsersAction) -> None:
@@ -100,6 +103,10 @@ def run_quantize(args: argparse.Namespace) -> int:
     check_target(export, args.overwrite)
     documents = split_documents(load_documents(args.dataset), "calib")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from quantship.streaming.command import run_streaming_quantize, streaming_wanted
+
+    if streaming_wanted(args.streaming, args.model, device):
+        return run_streaming_quantize(args, documents, export, device)
     model, tokenizer = load_source_model(args.model, args.trust_remote_code, device)
     batches = build_calibration_batches(tokenizer, documents, args.calib_size, args.calib_seq_len,
                                         args.batch_size, args.seed)

@@ -1,0 +1,297 @@
+"""Calibrate and export a model bigger than the GPU one decoder layer at a time (`--streaming`).
+
+For each decoder layer in order: load only its tensors from the source shards, run every
+calibration batch through it (the same `Calibrator` as the in-memory path, so MoE blocks get
+the same full expert coverage), plan its scales (`scales.build_plan` on the layer's part of the
+structure), quantize and append its tensors to the output shards, free it, and keep its outputs
+as the next layer's inputs. Embeddings, final norm and lm_head form the section before the
+layers. Each weight byte is read once and written once.
+
+Each layer sees exactly the tensors the full forward would give it — the unquantized previous
+layer's outputs and the arguments the model's own forward makes (`skeleton.capture_layer_calls`)
+— so statistics, scales and the files written equal the in-memory path's, byte for byte.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_module_tensor_to_device
+from tqdm.auto import tqdm
+
+from quantship import __version__, report
+from quantship.calibration.observers import CalibrationStats, Calibrator, ExpertCoverage
+from quantship.errors import QuantshipError
+from quantship.export import compressed_tensors
+from quantship.export.sections import OUTSIDE, SectionShardWriter, section_of, section_tensors
+from quantship.export.shards import check_target
+from quantship.formats.handlers import FORMAT_HANDLERS
+from quantship.model.discover import ModelStructure, discover
+from quantship.pipeline import DEFAULT_MOE_MIN_TOKENS, QuantizedModel
+from quantship.recipes import KVCacheFormat, Recipe, get_kv_cache_format, get_recipe
+from quantship.scales import QuantPlan, QuantTarget, build_plan, excluded_modules
+from quantship.sources.extras import find_extras
+from quantship.streaming.distributed import Ranks
+from quantship.streaming.journal import WorkDir, batches_digest, digest, publish
+from quantship.streaming.skeleton import build_skeleton, capture_layer_calls, check_finite, free
+from quantship.streaming.source import LayerSource
+
+KILL_ENV = "QUANTSHIP_TEST_KILL_AFTER_LAYER"  # tests: SIGKILL this process once layer N is journaled
+
+
+def layer_structure(structure: ModelStructure, layer: str) -> ModelStructure:
+    """The part of `structure` under one decoder layer: what its calibration and plan cover."""
+    def under(name: str) -> bool:
+        return name == layer or name.startswith(layer + ".")
+
+    return ModelStructure(
+        model_type=structure.model_type,
+        decoder_layers=[(n, m) for n, m in structure.decoder_layers if n == layer],
+        linears=[t for t in structure.linears if under(t.name)],
+        moe_blocks=[b for b in structure.moe_blocks if under(b.name)],
+        attention_modules=[(n, m) for n, m in structure.attention_modules if under(n)],
+    )
+
+
+def _check_inside_layers(structure: ModelStructure, recipe: Recipe, kv_format: KVCacheFormat,
+                         excluded: dict[str, str], layers: set[str]) -> None:
+    """Streaming calibrates decoder layers only; refuse a recipe that quantizes anything else."""
+    def quantized(name: str, role: str) -> bool:
+        return recipe.quantizes(role) and name not in excluded and not any(name.startswith(e + ".") for e in excluded)
+
+    outside = [t.name for t in structure.linears if section_of(t.name, layers) == OUTSIDE and quantized(t.name, t.role)]
+    outside += [b.name for b in structure.moe_blocks if section_of(b.name, layers) == OUTSIDE]
+    if kv_format.quant_algo:
+        outside += [n for n, _ in structure.attention_modules if section_of(n, layers) == OUTSIDE]
+    if outside:
+        raise QuantshipError(
+            f"{outside[0]} lies outside the decoder layers, which --streaming calibrates one at a time; "
+            f"keep it in high precision with --exclude '{outside[0]}' or use the in-memory path (--no-streaming)"
+        )
+
+
+class LayerwiseRun:
+    """One streaming run: the skeleton, the source, the work folder and the shard writer."""
+
+    def __init__(self, model_dir: Path, recipe: Recipe, kv_format: KVCacheFormat, batches: list[dict],
+                 target: Path, *, exclude: list[str], moe_min_tokens: int, trust_remote_code: bool,
+                 device: torch.device, export_format: str, overwrite: bool, max_shard_bytes: int,
+                 progress: bool, dtype: torch.dtype, activation_budget: int | None):
+        self.ranks = Ranks.current()
+        self.model_dir, self.recipe, self.kv_format, self.batches = model_dir, recipe, kv_format, batches
+        self.target, self.device, self.export_format, self.overwrite = target, device, export_format, overwrite
+        self.moe_min_tokens, self.progress = moe_min_tokens, progress and self.ranks.is_main
+        self.activation_budget = activation_budget
+        self.source = LayerSource(model_dir)
+        self.model = build_skeleton(model_dir, trust_remote_code, dtype, dequantized_source=self.source.quantized)
+        self.structure = discover(self.model)
+        self.excluded = excluded_modules(self.structure, recipe, exclude)
+        self.layer_names = [n for n, _ in self.structure.decoder_layers]
+        self.layer_set = set(self.layer_names)
+        _check_inside_layers(self.structure, recipe, kv_format, self.excluded, self.layer_set)
+        self.source.prepare(self.model, self.layer_names, dtype, device)
+        self.handler = FORMAT_HANDLERS[recipe.weight_format]
+        self.extra = find_extras(model_dir, self.model)  # tensors the model class ignores (MTP layers)
+        self.hf_config = self._final_model([], {}).hf_quant_config(self.extra.exclude_modules)
+        self.quantization_config, _ = compressed_tensors.from_modelopt((), self.hf_config, export_format)
+        self.work = WorkDir(target, self.ranks)
+        fingerprint = digest({
+            "quantship": __version__, "model": str(model_dir.resolve()), "shards": self.source.fingerprint(),
+            "recipe": recipe.name, "kv": kv_format.name, "exclude": sorted(exclude), "min_tokens": moe_min_tokens,
+            "format": export_format, "max_shard_bytes": max_shard_bytes, "dtype": str(dtype),
+            "calibration": batches_digest(batches),
+        })
+        self.state, self.resumed = self.work.open(fingerprint)
+        self.writer = SectionShardWriter(self.work.staging, max_shard_bytes, metadata={"producer": "quantship"})
+        if self.resumed and self.ranks.is_main:
+            self.writer.restore(self.state.writer, self.work.load_pending(self.state.pending))
+        self.mine = self.ranks.mine(len(batches))
+        self._saves: list[Future] = []
+        self._pool = ThreadPoolExecutor(max_workers=1)  # activation files written while the GPU works
+
+    # ------------------------------------------------------------------ sections
+    def _write_section(self, index: int, section: str, plan: QuantPlan, state: dict[str, torch.Tensor]) -> None:
+        """Append one section to the shards (rank 0); keep what stays pending on disk too."""
+        if not self.ranks.is_main:
+            return
+        items = section_tensors(self.model, plan, section, state, self.layer_set)
+        self._add(index, list(compressed_tensors.from_modelopt(items, self.hf_config, self.export_format)[1]))
+
+    def _add(self, index: int, items: list) -> None:
+        self.writer.add_section(items)
+        pending = self.writer.pending
+        self.state.pending = [e for e in self.state.pending if e["names"][0] in pending]
+        names = [n for n, _ in items]
+        if names and names[0] in pending:
+            self.state.pending.append(self.work.save_pending(index, {n: pending[n] for n in names}))
+        self.state.writer = self.writer.state()
+
+    def _commit(self) -> None:
+        """Journal the finished section once every rank's activation files are on disk."""
+        for f in self._saves:
+            f.result()
+        self._saves.clear()
+        self.ranks.barrier()
+        self.work.save(self.state)
+        self.ranks.barrier()
+        self.work.drop_activations(self.state.next_layer)
+        self.work.drop_pending(self.state.pending)
+
+    def outside(self) -> tuple[list[torch.Tensor], list]:
+        """Load and write the section outside the layers; capture the layers' call arguments."""
+        self.source.load_section(self.model, OUTSIDE)
+        self.model.tie_weights()
+        state = {n: t for n, t in self.model.state_dict().items() if section_of(n, self.layer_set) == OUTSIDE}
+        for name, t in state.items():
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise QuantshipError(f"source weight {name} contains NaN or inf; fix or re-export the source model")
+        if not self.state.outside_done:
+            plan = QuantPlan(self.recipe, self.kv_format, self.handler, [], self.excluded, {}, {})
+            self._write_section(0, OUTSIDE, plan, state)
+            self.state.outside_done = True
+            self._commit()
+        layers = [m for _, m in self.structure.decoder_layers]
+        first_hidden, calls = capture_layer_calls(self.model, layers, [self.batches[j] for j in self.mine], self.device)
+        for name in state:
+            set_module_tensor_to_device(self.model, name, "meta")
+        return first_hidden, calls
+
+    def _placement(self, hidden: list[torch.Tensor]) -> torch.device:
+        size = sum(h.numel() * h.element_size() for h in hidden)
+        budget = self.activation_budget
+        if budget is None:
+            budget = torch.cuda.get_device_properties(self.device).total_memory // 4 if self.device.type == "cuda" else 1 << 62
+        return self.device if size <= budget else torch.device("cpu")
+
+    def layer(self, k: int, hidden: list[torch.Tensor], calls: list) -> None:
+        """Calibrate, plan, quantize and write decoder layer k; hidden[i] becomes its output."""
+        name, layer = self.structure.decoder_layers[k]
+        self.source.load_section(self.model, name)
+        layer.to(self.device)
+        check_finite(layer, name)
+        part = layer_structure(self.structure, name)
+        calibrator = Calibrator(self.model, part, self.recipe, self.kv_format, self.moe_min_tokens, set(self.excluded))
+        keep = self._placement(hidden)
+        last = k + 1 == len(self.layer_names)
+        with torch.no_grad(), calibrator.attached() as stats:
+            for i, j in enumerate(self.mine):
+                out = calls[k][i](layer, hidden[i].to(self.device))
+                hidden[i] = out.to(keep)
+                if not last:
+                    self._saves.append(self._pool.submit(self.work.save_activation, k + 1, j, out))
+        stats = self.ranks.reduce_stats(stats)
+        plan = build_plan(part, self.recipe, self.kv_format, stats, self.excluded)
+        for block, cov in stats.coverage.items():
+            self.state.coverage[block] = {"tokens": [int(x) for x in cov.tokens.tolist()], "min_tokens": cov.min_tokens}
+        self.state.targets += [[t.key, t.role, t.fused_experts, list(t.weight.shape)] for t in plan.targets]
+        layer_state = {f"{name}.{n}": t for n, t in layer.state_dict().items()}
+        self._write_section(k + 1, name, plan, layer_state)
+        self.state.next_layer = k + 1
+        self._commit()
+        del plan, stats, layer_state
+        free(layer)
+        if os.environ.get(KILL_ENV) == str(k):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def resume_hidden(self) -> list[torch.Tensor]:
+        k = self.state.next_layer
+        loaded = [self.work.load_activation(k, j, "cpu") for j in self.mine]
+        return [h.to(self._placement(loaded)) for h in loaded]
+
+    # ------------------------------------------------------------------ the end
+    def _final_model(self, targets: list, coverage: dict) -> QuantizedModel:
+        """A QuantizedModel standing for the whole export, for configs and reports: targets
+        carry their shapes only (meta tensors), coverage and token counts from the journal."""
+        covs = {b: ExpertCoverage(b, torch.tensor(c["tokens"], dtype=torch.float32), c["min_tokens"])
+                for b, c in coverage.items()}
+        zero = torch.zeros(())
+        quant_targets = [QuantTarget(key, torch.empty(shape, device="meta"), role, fused, zero, zero)
+                         for key, role, fused, shape in targets]
+        plan = QuantPlan(self.recipe, self.kv_format, FORMAT_HANDLERS[self.recipe.weight_format], quant_targets,
+                         self.excluded, {}, covs)
+        tokens = sum(int(b["input_ids"].numel()) for b in self.batches)
+        return QuantizedModel(self.model, self.structure, plan, CalibrationStats(coverage=covs, tokens_seen=tokens))
+
+    def extras(self) -> None:
+        """Append the source tensors outside the model class, as the in-memory export does."""
+        n_layers = len(self.layer_names)
+        for i, names in enumerate(self.extra.section_names()):
+            if i < self.state.extras_done:
+                continue
+            if self.ranks.is_main:
+                items = [(n, self.extra.source.dequantized(n, self.extra.dtype)) for n in names]
+                items = list(compressed_tensors.from_modelopt(items, self.hf_config, self.export_format)[1])
+                self._add(n_layers + 1 + i, items)
+            self.state.extras_done = i + 1
+            self._commit()
+
+    def finish(self, tokenizer=None) -> None:
+        self._pool.shutdown()
+        if self.ranks.is_main:
+            self._restore_partial_names()
+            self.writer.close()
+            final = self._final_model(self.state.targets, self.state.coverage)
+            final._write_configs(self.work.staging, self.hf_config, self.model_dir, tokenizer, self.quantization_config)
+            report.write_reports(final, self.work.staging)
+            self.extra.write_report(self.work.staging)
+            publish(self.work.staging, self.target, self.overwrite)
+            self.work.remove()
+        self.extra.close()
+        self.source.close()
+        self.ranks.barrier()
+
+    def _restore_partial_names(self) -> None:
+        """A run killed inside `close()` left some shards under final names: name them back."""
+        shards = self.state.writer["shards"]
+        n = len(shards)
+        for i in range(n):
+            partial = self.work.staging / f"shard-{i:05d}.partial"
+            final = self.work.staging / ("model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors")
+            if not partial.exists() and final.exists():
+                os.replace(final, partial)
+
+
+def stream_quantize(model_dir: str | Path, recipe: str | Recipe = "nvfp4",
+                    calib_data: Iterable[dict[str, torch.Tensor]] = (), export: str | Path = "out",
+                    *, kv_cache: str | None = "none", exclude: Iterable[str] = (),
+                    moe_min_tokens: int = DEFAULT_MOE_MIN_TOKENS, trust_remote_code: bool = False,
+                    device: str | torch.device | None = None, export_format: str = "modelopt",
+                    overwrite: bool = False, max_shard_bytes: int = 5 * 1024**3, progress: bool = True,
+                    dtype: torch.dtype = torch.bfloat16, tokenizer=None,
+                    activation_budget: int | None = None) -> Path:
+    """Quantize the HF model folder `model_dir` layer by layer into `export`; returns `export`.
+
+    Reruns of the same command after a kill continue from the last finished layer. Under
+    torch.distributed (torchrun), every rank calls this with the same arguments.
+    """
+    recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
+    kv_format = get_kv_cache_format(kv_cache)
+    if moe_min_tokens < 0:
+        raise QuantshipError(f"--moe-min-tokens must be >= 0, got {moe_min_tokens}")
+    batches = list(calib_data)
+    if not batches:
+        raise QuantshipError("calibration data is empty; pass a --dataset with text or raise --calib-size")
+    target = Path(export)
+    if Ranks.current().is_main:
+        check_target(target, overwrite)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    run = LayerwiseRun(Path(model_dir), recipe, kv_format, batches, target, exclude=list(exclude),
+                       moe_min_tokens=moe_min_tokens, trust_remote_code=trust_remote_code, device=device,
+                       export_format=export_format, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
+                       progress=progress, dtype=dtype, activation_budget=activation_budget)
+    first_hidden, calls = run.outside()
+    start = run.state.next_layer
+    n = len(run.layer_names)
+    hidden = first_hidden if start == 0 else run.resume_hidden() if start < n else []
+    del first_hidden
+    for k in tqdm(range(start, n), desc="layers", unit="layer", initial=start, total=n, disable=not run.progress):
+        run.layer(k, hidden, calls)
+    del hidden, calls
+    run.extras()
+    run.finish(tokenizer)
+    return target
