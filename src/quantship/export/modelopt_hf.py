@@ -41,12 +41,19 @@ def split_module_tensors(
             yield f"{sl.module}.{suffix}", value.reshape(()) if suffix in handler.per_tensor else value
 
 
+# Extra keys Model Optimizer 0.47 writes for AWQ algorithms, after group_size
+# (export/quant_utils.py `process_layer_quant_config`).
+_AWQ_FLAGS = {"has_zero_point": False, "pre_quant_scale": True}
+_ALGO_FLAGS = {"W4A16_AWQ": _AWQ_FLAGS, "W4A8_AWQ": _AWQ_FLAGS, "NVFP4_AWQ": _AWQ_FLAGS}
+
+
 def hf_quant_config(quant_algo: str, group_size: int | None, kv_cache_quant_algo: str | None,
                     exclude_modules: list[str]) -> dict:
     """Content of hf_quant_config.json."""
     quantization: dict = {"quant_algo": quant_algo, "kv_cache_quant_algo": kv_cache_quant_algo}
     if group_size is not None:
         quantization["group_size"] = group_size
+    quantization.update(_ALGO_FLAGS.get(quant_algo, {}))
     quantization["exclude_modules"] = sorted(exclude_modules)
     return {"producer": dict(PRODUCER), "quantization": quantization}
 
@@ -56,6 +63,7 @@ def config_json_quantization(hf_config: dict) -> dict:
     (modelopt/torch/export/convert_hf_config.py): config_groups + ignore + quant_method modelopt."""
     q = hf_config["quantization"]
     algo = q["quant_algo"]
+    group = None
     if algo == "NVFP4":
         gs = q.get("group_size", 16)
         group = {
@@ -63,13 +71,15 @@ def config_json_quantization(hf_config: dict) -> dict:
             "weights": {"dynamic": False, "num_bits": 4, "type": "float", "group_size": gs},
             "targets": ["Linear"],
         }
-    else:
+    elif algo == "FP8":
         group = {
             "input_activations": {"dynamic": False, "num_bits": 8, "type": "float"},
             "weights": {"dynamic": False, "num_bits": 8, "type": "float"},
             "targets": ["Linear"],
         }
-    out: dict = {"config_groups": {"group_0": group}, "ignore": list(q["exclude_modules"]), "quant_algo": algo}
+    # Every other single algorithm: no config_groups, as `convert_hf_quant_config_format` writes.
+    out: dict = {"config_groups": {"group_0": group}} if group else {}
+    out.update({"ignore": list(q["exclude_modules"]), "quant_algo": algo})
     kv = q.get("kv_cache_quant_algo")
     if kv == "FP8":
         out["kv_cache_scheme"] = {"dynamic": False, "num_bits": 8, "type": "float"}
