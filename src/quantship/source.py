@@ -22,9 +22,12 @@ def check_model_dir(path: str) -> None:
         if not (p / "config.json").is_file():
             raise QuantshipError(f"model directory {p} has no config.json; point --model to a Hugging Face model folder")
         try:
-            json.loads((p / "config.json").read_text())
+            config = json.loads((p / "config.json").read_text())
         except (OSError, ValueError) as e:
             raise QuantshipError(f"{p / 'config.json'} is not readable JSON ({e}); re-download or fix it") from None
+        if not isinstance(config, dict):
+            kind = {list: "an array", str: "a string", bool: "a boolean"}.get(type(config), "a number or null")
+            raise QuantshipError(f"{p / 'config.json'} holds {kind}, not a JSON object; re-download or fix it")
         return
     if p.exists():
         raise QuantshipError(f"--model {p} is a file; point it to the model's directory")
