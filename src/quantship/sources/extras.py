@@ -35,7 +35,7 @@ def loaded_names(model: nn.Module) -> set[str]:
 
 def mtp_layers(config: dict) -> range:
     n = int(config.get("num_hidden_layers") or 0)
-    return range(n, n + int(config.get("num_nextn_predict_layers") or 0))
+    return range(n, n + int(config.get("num_nextn_predict_layers") or config.get("num_mtp_layers") or 0))
 
 
 @dataclass
@@ -113,8 +113,23 @@ class SourceExtras:
         report.write_text((report.read_text() if report.is_file() else "# quantship report\n") + "\n".join(lines) + "\n")
 
 
+def extras_of(source: SourceCheckpoint, model: nn.Module) -> SourceExtras:
+    """The tensors of an open `source` that `model` (loaded, or a meta skeleton) does not load; warns
+    about those that are not MTP layers. The streaming path calls this with its own reader."""
+    loaded = loaded_names(model)
+    names = [n for n in source.names() if n not in loaded]
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.bfloat16)
+    extras = SourceExtras(source, names, mtp_layers(source.config), dtype)
+    other = [n for n in names if not extras.is_mtp(n)]
+    if other:
+        warnings.warn(f"{len(other)} tensors of {source.path} are not loaded by the model class "
+                      f"({', '.join(other[:3])}{' ...' if len(other) > 3 else ''}); they are carried into the "
+                      "export unchanged and listed in report.md", stacklevel=2)
+    return extras
+
+
 def find_extras(source_dir: str | Path | None, model: nn.Module) -> SourceExtras:
-    """The tensors of `source_dir` that `model` did not load (none without safetensors files)."""
+    """`extras_of` for a folder (nothing without safetensors files); the caller closes the result."""
     if source_dir is None or not any(Path(source_dir).glob("*.safetensors")):
         return SourceExtras()
     try:
@@ -123,13 +138,4 @@ def find_extras(source_dir: str | Path | None, model: nn.Module) -> SourceExtras
         warnings.warn(f"cannot list the tensors of {source_dir} outside the model class ({e}); "
                       "only the model's own tensors are exported", stacklevel=2)
         return SourceExtras()
-    loaded = loaded_names(model)
-    names = [n for n in source.names() if n not in loaded]
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.bfloat16)
-    extras = SourceExtras(source, names, mtp_layers(source.config), dtype)
-    other = [n for n in names if not extras.is_mtp(n)]
-    if other:
-        warnings.warn(f"{len(other)} tensors of {source_dir} are not loaded by the model class "
-                      f"({', '.join(other[:3])}{' ...' if len(other) > 3 else ''}); they are carried into the "
-                      "export unchanged and listed in report.md", stacklevel=2)
-    return extras
+    return extras_of(source, model)

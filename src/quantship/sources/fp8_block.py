@@ -12,7 +12,7 @@ Published definition (deepseek-ai/DeepSeek-V3, `inference/kernel.py` `weight_deq
 
 Blocks at the right and bottom edges are partial when M or N is not a multiple of 128 (the kernel masks
 them; the scale grid is `ceil(M/128) x ceil(N/128)`), so the scale is indexed by `i // 128`, never by
-reshaping into whole blocks. Quantization (`weight_quant_kernel`; tests/sources_helpers.py's converter
+reshaping into whole blocks. Quantization (`weight_quant_kernel`; tests/sources/helpers.py's converter
 follows it): `s = amax(block) / 448` in float32, `fp8 = (x / s).to(float8_e4m3fn)`.
 """
 
