@@ -23,7 +23,6 @@ from quantship.formats import nvfp4
 from quantship.sources import SourceCheckpoint
 from quantship.sources.compressed_int4 import dequantize_packed, unpack_int32, unpack_zero_point
 from quantship.sources.fp8_block import dequantize_fp8_block, scale_grid
-
 from sources.helpers import INT4_ARGS, fp8_block_quantize, fp8_block_reference, int4_compress, int4_decompress
 
 

@@ -26,7 +26,6 @@ from quantship.pipeline import quantize
 from quantship.source import load_source_model
 from quantship.sources import SourceCheckpoint, load_dequantized_model
 from quantship.verify import verify_checkpoint
-
 from sources.helpers import make_fp8_block_source, make_int4_source, save_tiny_deepseek
 
 MTP = "model.layers.3."  # the tiny model has 3 decoder layers; DeepSeek-V3's MTP layer is the next index
