@@ -41,6 +41,19 @@ def check_finite(model: nn.Module) -> None:
             raise QuantshipError(f"source weight {name} contains NaN or inf; fix or re-export the source model")
 
 
+def check_nothing_missing(path: str, info: dict) -> None:
+    """transformers fills weights the checkpoint lacks with fresh random values and only warns;
+    quantizing those would ship noise. A config that wants more layers than the weights hold,
+    or a shard the index leaves out, ends here."""
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise QuantshipError(
+            f"{len(missing)} weight{'s' if len(missing) != 1 else ''} of the model in {path} missing from its checkpoint "
+            f"({', '.join(missing[:3])}{more}); config.json and the weights disagree or a shard is missing"
+        )
+
+
 def load_source_model(path: str, trust_remote_code: bool = False, device: str | None = None,
                       dtype: torch.dtype = torch.bfloat16):
     """(model, tokenizer) from a local folder (or a hub id when reachable)."""
@@ -54,9 +67,11 @@ def load_source_model(path: str, trust_remote_code: bool = False, device: str | 
         # FP8-block / INT4 / NVFP4 sources: dequantized tensor by tensor, no BF16 copy (quantship.sources).
         model = load_if_quantized(path, dtype, trust_remote_code) if local else None
         if model is None:
-            model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=dtype, trust_remote_code=trust_remote_code, local_files_only=local
+            model, info = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, trust_remote_code=trust_remote_code, local_files_only=local,
+                output_loading_info=True,
             )
+            check_nothing_missing(path, info)
     except QuantshipError:
         raise
     except ValueError as e:
