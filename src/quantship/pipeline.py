@@ -28,7 +28,7 @@ from quantship.export.shards import atomic_export_dir
 from quantship.fake_quant import activation_fake_quant, swapped_weights
 from quantship.model.checkpoint_names import checkpoint_slices
 from quantship.model.discover import ModelStructure, discover
-from quantship.recipes import Recipe, get_kv_cache_format, get_recipe
+from quantship.recipes import Recipe, get_kv_cache_format, get_recipe, with_weight_scale_search
 from quantship.scales import QuantPlan, build_plan, excluded_modules
 
 if TYPE_CHECKING:
@@ -188,12 +188,17 @@ def run_calibration(model: nn.Module, calibrator: Calibrator, batches: Iterable[
 def quantize(model: nn.Module, recipe: str | Recipe = "nvfp4",
              calib_data: Iterable[dict[str, torch.Tensor]] = (), kv_cache: str | None = "none",
              exclude: Iterable[str] = (), moe_min_tokens: int = DEFAULT_MOE_MIN_TOKENS,
-             progress: bool = True, algorithm: str = "max", gptq_config=None) -> QuantizedModel:
+             progress: bool = True, algorithm: str = "max", gptq_config=None,
+             weight_scale_search: str = "max") -> QuantizedModel:
     """Calibrate `model` on `calib_data` (batches of input_ids) and plan every scale; with
-    `algorithm="gptq"` the weights are then chosen by GPTQ layer by layer (`algorithms/`)."""
+    `algorithm="gptq"` the weights are then chosen by GPTQ layer by layer (`algorithms/`).
+    AWQ / SmoothQuant recipes first smooth the model in place (`algorithms/smoothing.py`);
+    `weight_scale_search="mse"` searches block scales (`algorithms/mse_scale_search.py`)."""
     from quantship.algorithms import check_algorithm
+    from quantship.algorithms.smoothing import smooth
 
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
+    recipe = with_weight_scale_search(recipe, weight_scale_search)
     kv_format = get_kv_cache_format(kv_cache)
     check_algorithm(algorithm)
     if moe_min_tokens < 0:
@@ -202,9 +207,12 @@ def quantize(model: nn.Module, recipe: str | Recipe = "nvfp4",
     model.eval()
     structure = discover(model)
     excluded = excluded_modules(structure, recipe, list(exclude))
+    smoothing = smooth(model, structure, recipe, set(excluded), calib_data, progress)
     calibrator = Calibrator(model, structure, recipe, kv_format, moe_min_tokens, set(excluded))
     stats = run_calibration(model, calibrator, calib_data, progress)
     plan = build_plan(structure, recipe, kv_format, stats, excluded)
+    if smoothing is not None:
+        smoothing.attach_to_plan(plan)
     if algorithm == "gptq":
         from quantship.algorithms.sequential import apply_gptq
 
