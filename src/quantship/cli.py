@@ -47,6 +47,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    help="checkpoint layout: modelopt (default) or compressed-tensors")
     p.add_argument("--algorithm", default="max",
                    help="how weights are rounded: max (round-to-nearest, default) or gptq (error compensation)")
+    p.add_argument("--weight-scale-search", "--weight_scale_search", dest="weight_scale_search", default="max",
+                   help="block formats: weight block scales from the block amax (max, default) or the "
+                        "amax multiple with the smallest reconstruction error (mse)")
     p.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=None,
                    help="calibrate and export one decoder layer at a time in bounded memory, resumable after a "
                         "kill, multi-GPU under torchrun (default: only when the model does not fit the GPU)")
@@ -82,10 +85,10 @@ def run_quantize(args: argparse.Namespace) -> int:
     from quantship.calibration.data import build_calibration_batches, load_documents, split_documents
     from quantship.export.compressed_tensors import check_export
     from quantship.pipeline import quantize
-    from quantship.recipes import get_kv_cache_format, get_recipe
+    from quantship.recipes import get_kv_cache_format, get_recipe, with_weight_scale_search
     from quantship.source import load_source_model
 
-    recipe = get_recipe(args.qformat)  # fail fast on bad flags, before loading anything
+    recipe = with_weight_scale_search(get_recipe(args.qformat), args.weight_scale_search)  # fail fast
     check_algorithm(args.algorithm)
     kv_format = get_kv_cache_format(args.kv_cache_qformat)
     check_export(args.export_format, recipe.quant_algo, kv_format.quant_algo)
@@ -106,12 +109,16 @@ def run_quantize(args: argparse.Namespace) -> int:
     from quantship.streaming.command import run_streaming_quantize, streaming_wanted
 
     if streaming_wanted(args.streaming, args.model, device):
+        if recipe.algorithm or args.weight_scale_search != "max":
+            raise QuantshipError(f"--streaming does not run {recipe.algorithm or 'the weight scale search'} yet; "
+                                 "pass --no-streaming")
         return run_streaming_quantize(args, documents, export, device)
     model, tokenizer = load_source_model(args.model, args.trust_remote_code, device)
     batches = build_calibration_batches(tokenizer, documents, args.calib_size, args.calib_seq_len,
                                         args.batch_size, args.seed)
     qm = quantize(model, args.qformat, batches, kv_cache=args.kv_cache_qformat, exclude=args.exclude,
-                  moe_min_tokens=args.moe_min_tokens, progress=args.progress, algorithm=args.algorithm)
+                  moe_min_tokens=args.moe_min_tokens, progress=args.progress, algorithm=args.algorithm,
+                  weight_scale_search=args.weight_scale_search)
     qm.export(export, overwrite=args.overwrite, source_dir=args.model, progress=args.progress,
               export_format=args.export_format)
     print(f"exported {args.qformat} checkpoint to {export} (report: {export / 'report.md'})")
