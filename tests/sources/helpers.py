@@ -83,8 +83,8 @@ def _write_shards(path: Path, shards: dict[str, dict[str, torch.Tensor]]) -> Non
 
 def _copy_configs(src: Path, dst: Path, quantization_config: dict | None) -> None:
     dst.mkdir(parents=True)
-    for f in src.iterdir():
-        if f.suffix == ".json" and f.name != "model.safetensors.index.json":
+    for f in src.iterdir():  # configs, tokenizer, remote code
+        if f.suffix in (".json", ".py") and f.name != "model.safetensors.index.json":
             shutil.copy2(f, dst / f.name)
     config = json.loads((src / "config.json").read_text())
     if quantization_config is not None:
@@ -98,8 +98,10 @@ def _convert(bf16: Path, dst: Path, twin: Path, quantization_config: dict, quant
     instead (what `fp8_cast_bf16.py` / compressed-tensors' decompressor would write)."""
     _copy_configs(bf16, dst, quantization_config)
     _copy_configs(bf16, twin, None)
-    index = json.loads((bf16 / "model.safetensors.index.json").read_text())
-    shards: dict[str, dict[str, torch.Tensor]] = {f: {} for f in sorted(set(index["weight_map"].values()))}
+    index = bf16 / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
+        else ["model.safetensors"]
+    shards: dict[str, dict[str, torch.Tensor]] = {f: {} for f in files}
     twin_shards: dict[str, dict[str, torch.Tensor]] = {f: {} for f in shards}
     for file in shards:
         for name, t in load_file(str(bf16 / file)).items():

@@ -127,7 +127,8 @@ class SourceCheckpoint:
         self._modules: dict[str, tuple[Layout, str]] = {}  # dequantized name -> (layout, module prefix)
         self.source_scales: list[str] = []  # stored tensors of the source's own quantization, not carried
         self._classify()
-        self._passthrough = sorted(set(self._stored) - self._consumed())
+        self._passthrough = set(self._stored) - self._consumed()
+        self._names = sorted([*self._modules, *self._passthrough])
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._zero_points: dict[str, Tensor] = {}
 
@@ -143,12 +144,15 @@ class SourceCheckpoint:
                 self._modules[f"{module}.weight"] = (matches[0], module)
             elif self._layouts and leaf in SOURCE_RUNTIME_SCALES:
                 self.source_scales.append(stored)
+        scales = set(self.source_scales)
         for stored in self._stored:  # a quantized-looking tensor that no layout explains
             module, _, leaf = stored.rpartition(".")
             dtype = self._stored[stored][0]
-            if f"{module}.weight" in self._modules or stored in self.source_scales:
+            if leaf == "weight_g_idx":
+                raise QuantshipError(f"{stored}: activation-ordered (g_idx) sources are not supported")
+            if f"{module}.weight" in self._modules or stored in scales:
                 continue
-            if self._layouts and (leaf in ("weight_packed", "weight_scale_inv", "weight_g_idx")
+            if self._layouts and (leaf in ("weight_packed", "weight_scale_inv")
                                   or (leaf == "weight" and dtype in ("F8_E4M3", "F8_E5M2", "U8", "I32"))):
                 raise QuantshipError(f"{stored} ({dtype}) is stored quantized but its module's scales are missing "
                                      f"or of an unsupported scheme ({self.format}); the checkpoint is incomplete")
@@ -162,7 +166,7 @@ class SourceCheckpoint:
     # ------------------------------------------------------------------ queries
     def names(self) -> list[str]:
         """Every tensor name of the BF16 twin (dequantized weights and pass-through tensors), sorted."""
-        return sorted([*self._modules, *self._passthrough])
+        return list(self._names)
 
     def is_dequantized(self, name: str) -> bool:
         """True when `name` is rebuilt from a quantized form (else it is read as stored)."""
