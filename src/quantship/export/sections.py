@@ -71,7 +71,8 @@ def target_tensors(model: nn.Module, t: QuantTarget, handler: FormatHandler,
     chunk of experts at a time. Order: by expert, then transformers' reverse-conversion order."""
     slices = checkpoint_slices(model, _param_name(t), t.weight.shape)
     if not t.fused_experts:
-        yield from modelopt_hf.split_module_tensors(handler.quantize(t.weight, t.scales), slices, handler)
+        for name, value in modelopt_hf.split_module_tensors(handler.quantize(t.weight, t.scales), slices, handler):
+            yield name, value.cpu()  # a GPU model's section is collected before it is written
         return
     n_exp = t.weight.shape[0]
     per_expert = t.weight[0].numel() * t.weight.element_size()
@@ -84,7 +85,8 @@ def target_tensors(model: nn.Module, t: QuantTarget, handler: FormatHandler,
         q = handler.quantize(t.weight[e0:e1], _expert_chunk(t, e0, e1))
         for e in range(e0, e1):
             local = [type(sl)(sl.name, sl.expert - e0, sl.rows) for sl in by_expert.get(e, [])]
-            yield from modelopt_hf.split_module_tensors(q, local, handler)
+            for name, value in modelopt_hf.split_module_tensors(q, local, handler):
+                yield name, value.cpu()
 
 
 def section_tensors(model: nn.Module, plan: QuantPlan, section: str, state: dict[str, Tensor],

@@ -14,9 +14,11 @@ layer's outputs and the arguments the model's own forward makes (`skeleton.captu
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -94,7 +96,7 @@ class LayerwiseRun:
         self.layer_names = [n for n, _ in self.structure.decoder_layers]
         self.layer_set = set(self.layer_names)
         _check_inside_layers(self.structure, recipe, kv_format, self.excluded, self.layer_set)
-        self.source.prepare(self.model, self.layer_names, dtype, device)
+        self.source.prepare(self.model, self.layer_names, dtype)
         self.handler = FORMAT_HANDLERS[recipe.weight_format]
         self.extra = find_extras(model_dir, self.model)  # tensors the model class ignores (MTP layers)
         self.hf_config = self._final_model([], {}).hf_quant_config(self.extra.exclude_modules)
@@ -111,8 +113,21 @@ class LayerwiseRun:
         if self.resumed and self.ranks.is_main:
             self.writer.restore(self.state.writer, self.work.load_pending(self.state.pending))
         self.mine = self.ranks.mine(len(batches))
+        # Seconds per phase and extra bytes written, for bench/scale.py and the curious.
+        self.timings: dict[str, float] = {"load": 0.0, "calibrate": 0.0, "quantize_write": 0.0, "journal": 0.0,
+                                          "activation_bytes": 0, "pending_bytes": 0}
         self._saves: list[Future] = []
         self._pool = ThreadPoolExecutor(max_workers=1)  # activation files written while the GPU works
+
+    @contextlib.contextmanager
+    def _phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.timings[name] += time.perf_counter() - start
 
     # ------------------------------------------------------------------ sections
     def _write_section(self, index: int, section: str, plan: QuantPlan, state: dict[str, torch.Tensor]) -> None:
@@ -129,6 +144,7 @@ class LayerwiseRun:
         names = [n for n, _ in items]
         if names and names[0] in pending:
             self.state.pending.append(self.work.save_pending(index, {n: pending[n] for n in names}))
+            self.timings["pending_bytes"] += sum(pending[n].numel() * pending[n].element_size() for n in names)
         self.state.writer = self.writer.state()
 
     def _commit(self) -> None:
@@ -146,6 +162,10 @@ class LayerwiseRun:
         """Load and write the section outside the layers; capture the layers' call arguments."""
         self.source.load_section(self.model, OUTSIDE)
         self.model.tie_weights()
+        for name, _ in [*self.model.named_parameters(), *self.model.named_buffers()]:
+            if section_of(name, self.layer_set) == OUTSIDE:  # rotary buffers too
+                set_module_tensor_to_device(self.model, name, self.device)
+        self.model.tie_weights()  # moving replaced the tied Parameter
         state = {n: t for n, t in self.model.state_dict().items() if section_of(n, self.layer_set) == OUTSIDE}
         for name, t in state.items():
             if t.is_floating_point() and not torch.isfinite(t).all():
@@ -171,28 +191,33 @@ class LayerwiseRun:
     def layer(self, k: int, hidden: list[torch.Tensor], calls: list) -> None:
         """Calibrate, plan, quantize and write decoder layer k; hidden[i] becomes its output."""
         name, layer = self.structure.decoder_layers[k]
-        self.source.load_section(self.model, name)
-        layer.to(self.device)
-        check_finite(layer, name)
+        with self._phase("load"):
+            self.source.load_section(self.model, name)
+            layer.to(self.device)
+            check_finite(layer, name)
         part = layer_structure(self.structure, name)
         calibrator = Calibrator(self.model, part, self.recipe, self.kv_format, self.moe_min_tokens, set(self.excluded))
         keep = self._placement(hidden)
         last = k + 1 == len(self.layer_names)
-        with torch.no_grad(), calibrator.attached() as stats:
+        with self._phase("calibrate"), torch.no_grad(), calibrator.attached() as stats:
             for i, j in enumerate(self.mine):
                 out = calls[k][i](layer, hidden[i].to(self.device))
                 hidden[i] = out.to(keep)
                 if not last:
                     self._saves.append(self._pool.submit(self.work.save_activation, k + 1, j, out))
-        stats = self.ranks.reduce_stats(stats)
-        plan = build_plan(part, self.recipe, self.kv_format, stats, self.excluded)
-        for block, cov in stats.coverage.items():
-            self.state.coverage[block] = {"tokens": [int(x) for x in cov.tokens.tolist()], "min_tokens": cov.min_tokens}
-        self.state.targets += [[t.key, t.role, t.fused_experts, list(t.weight.shape)] for t in plan.targets]
-        layer_state = {f"{name}.{n}": t for n, t in layer.state_dict().items()}
-        self._write_section(k + 1, name, plan, layer_state)
+                    self.timings["activation_bytes"] += out.numel() * out.element_size()
+        with self._phase("quantize_write"):
+            stats = self.ranks.reduce_stats(stats)
+            plan = build_plan(part, self.recipe, self.kv_format, stats, self.excluded)
+            for block, cov in stats.coverage.items():
+                self.state.coverage[block] = {"tokens": [int(x) for x in cov.tokens.tolist()],
+                                              "min_tokens": cov.min_tokens}
+            self.state.targets += [[t.key, t.role, t.fused_experts, list(t.weight.shape)] for t in plan.targets]
+            layer_state = {f"{name}.{n}": t for n, t in layer.state_dict().items()}
+            self._write_section(k + 1, name, plan, layer_state)
         self.state.next_layer = k + 1
-        self._commit()
+        with self._phase("journal"):
+            self._commit()
         del plan, stats, layer_state
         free(layer)
         if os.environ.get(KILL_ENV) == str(k):
@@ -263,11 +288,12 @@ def stream_quantize(model_dir: str | Path, recipe: str | Recipe = "nvfp4",
                     device: str | torch.device | None = None, export_format: str = "modelopt",
                     overwrite: bool = False, max_shard_bytes: int = 5 * 1024**3, progress: bool = True,
                     dtype: torch.dtype = torch.bfloat16, tokenizer=None,
-                    activation_budget: int | None = None) -> Path:
+                    activation_budget: int | None = None, timings: dict | None = None) -> Path:
     """Quantize the HF model folder `model_dir` layer by layer into `export`; returns `export`.
 
     Reruns of the same command after a kill continue from the last finished layer. Under
-    torch.distributed (torchrun), every rank calls this with the same arguments.
+    torch.distributed (torchrun), every rank calls this with the same arguments. `timings`, if
+    given, receives seconds per phase (load, calibrate, quantize_write, journal) and extra bytes.
     """
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
     kv_format = get_kv_cache_format(kv_cache)
@@ -294,4 +320,6 @@ def stream_quantize(model_dir: str | Path, recipe: str | Recipe = "nvfp4",
     del hidden, calls
     run.extras()
     run.finish(tokenizer)
+    if timings is not None:
+        timings.update(run.timings)
     return target

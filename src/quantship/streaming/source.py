@@ -99,7 +99,7 @@ class LayerSource:
             out.append([f.name, st.st_size, st.st_mtime_ns])
         return out
 
-    def prepare(self, model: nn.Module, layers: list[str], dtype: torch.dtype, device: torch.device | str) -> None:
+    def prepare(self, model: nn.Module, layers: list[str], dtype: torch.dtype) -> None:
         """Group the checkpoint keys by section (OUTSIDE or a decoder layer) using the model's
         own conversion mapping, and set up the loader configuration `from_pretrained` would use."""
         conversions = get_model_conversion_mapping(model, None, None)
@@ -117,16 +117,18 @@ class LayerSource:
             if renamed in meta_state:
                 sections.setdefault(section_of(renamed, layer_set), []).append(key)
         self._sections = sections
+        # Loaded and converted on the CPU, then moved: stacking per-expert tensors into 3-D
+        # experts holds the pieces and the result at once, which must not happen on the GPU.
         self._load_config = LoadStateDictConfig(
             dtype=dtype, dtype_plan=model._get_dtype_plan(dtype), weight_mapping=conversions,
-            device_map={"": torch.device(device)},
+            device_map={"": torch.device("cpu")},
         )
 
     def section_bytes(self, section: str, dtype: torch.dtype = torch.bfloat16) -> int:
         return sum(self.tensor_bytes(k, dtype) for k in self._sections.get(section, []))
 
     def load_section(self, model: nn.Module, section: str) -> None:
-        """Load one section's tensors into the (meta) model, on the prepared device."""
+        """Load one section's tensors into the (meta) model, on the CPU (callers move them)."""
         assert self._load_config is not None, "call prepare() first"
         keys = self._sections.get(section, [])
         state = {k: LazyTensor(self.reader, k, self._load_config.dtype) for k in keys}
