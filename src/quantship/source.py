@@ -11,6 +11,8 @@ from torch import nn
 from quantship.errors import QuantshipError
 from quantship.model.discover import SUPPORTED_ARCHITECTURES
 
+_FLOAT_CODES = ("F16", "BF16", "F32", "F64")  # safetensors dtype codes a float source may use
+
 
 def _looks_like_hub_id(name: str) -> bool:
     return name.count("/") == 1 and not name.startswith((".", "/", "~"))
@@ -41,6 +43,29 @@ def check_finite(model: nn.Module) -> None:
             raise QuantshipError(f"source weight {name} contains NaN or inf; fix or re-export the source model")
 
 
+def check_float_tensors(path: str) -> None:
+    """A source without quantization metadata must hold float tensors: transformers casts
+    integer, bool or fp8 ones into the model's dtype without any scale, and quantizing those
+    values would ship garbage. Reads safetensors headers only."""
+    from quantship.sources.reader import quantization_metadata
+    from quantship.verify.specs import DTYPE_NAMES
+    from quantship.verify.tensors import read_headers
+
+    root = Path(path).expanduser()
+    if quantization_metadata(root, json.loads((root / "config.json").read_text())) is not None:
+        return
+    infos, _ = read_headers(root)  # unreadable files are left to the loader, which names them
+    bad = sorted((name, info.dtype) for name, info in infos.items() if info.dtype not in _FLOAT_CODES)
+    if bad:
+        name, code = bad[0]
+        names = {**DTYPE_NAMES, "BOOL": "bool", "I16": "int16", "I32": "int32", "I64": "int64", "U16": "uint16"}
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise QuantshipError(
+            f"source tensor {name} is stored as {names.get(code, code)}{more} but {root / 'config.json'} declares no "
+            "quantization; pass a float (bf16/fp16/fp32) checkpoint, or a quantized one with its quantization_config"
+        )
+
+
 def check_nothing_missing(path: str, info: dict) -> None:
     """transformers fills weights the checkpoint lacks with fresh random values and only warns;
     quantizing those would ship noise. A config that wants more layers than the weights hold,
@@ -67,6 +92,8 @@ def load_source_model(path: str, trust_remote_code: bool = False, device: str | 
         # FP8-block / INT4 / NVFP4 sources: dequantized tensor by tensor, no BF16 copy (quantship.sources).
         model = load_if_quantized(path, dtype, trust_remote_code) if local else None
         if model is None:
+            if local:
+                check_float_tensors(path)
             model, info = AutoModelForCausalLM.from_pretrained(
                 path, dtype=dtype, trust_remote_code=trust_remote_code, local_files_only=local,
                 output_loading_info=True,
