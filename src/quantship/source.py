@@ -127,6 +127,8 @@ def load_source_model(path: str, trust_remote_code: bool = False, device: str | 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=local)
     except Exception as e:
-        raise QuantshipError(f"cannot load the tokenizer of {path} ({type(e).__name__}); "
-                             "copy the tokenizer files into the model folder") from None
+        # The cause goes along: AutoTokenizer also parses config.json, whose errors land here too.
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise QuantshipError(f"cannot load the tokenizer of {path} ({type(e).__name__}{': ' if first else ''}"
+                             f"{first}); copy the tokenizer files into the model folder") from None
     return model.eval(), tokenizer
