@@ -130,7 +130,7 @@ def _scale_problems(
     if scale.shape == "one_or_row" and not (_is_one(info) or per_row):
         return [f"shape {shape}, expected one element or [out, 1]"]
     if scale.shape == "blocks":
-        if weight is None or in_features is None:
+        if weight is None or in_features is None or not d.group_size:  # no group size: a config finding
             return [] if len(shape) >= 2 else [f"shape {shape}, expected [out, in/{d.group_size}]"]
         expected = [*weight.shape[:-1], in_features // d.group_size]
         if shape != expected:
