@@ -115,10 +115,10 @@ class _StaticQuantizer:
     """What Model Optimizer's export reads from an NVFP4 static quantizer after 4/6 MSE
     calibration: per-block `_amax` (the 4-or-6 choice folded in), `global_amax`, block sizes."""
 
-    def __init__(self, per_block_amax: torch.Tensor, global_amax: torch.Tensor):
+    def __init__(self, per_block_amax: torch.Tensor, global_amax: torch.Tensor, four_over_six: bool = True):
         self._amax = per_block_amax
         self.global_amax = global_amax
-        self.block_sizes = {-1: 16, "type": "static", "scale_bits": (4, 3), "four_over_six": True}
+        self.block_sizes = {-1: 16, "type": "static", "scale_bits": (4, 3), "four_over_six": four_over_six}
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -141,3 +141,26 @@ def test_four_over_six_export_matches_static_quantizer_path(seed):
     assert torch.equal(packed, qt._quantized_data)
     # and the same numbers through our generic static path
     assert torch.equal(bits(fp4_blocks.static_block_scales(q._amax.view(32, 4), amax, NORMALISER)), bits(ws))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_nvfp4_mse_export_matches_static_quantizer_path(seed):
+    # An MSE-calibrated NVFP4 weight (NVFP4StaticQuantizer, normaliser 448) exports through the
+    # static path; our nvfp4+mse writes the same bytes for the same chosen per-block amax.
+    from quantship.algorithms.mse_scale_search import search_block_amax
+
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(32, 64, generator=g) * 0.02).to(torch.bfloat16)
+    handler = FORMAT_HANDLERS["nvfp4+mse"]
+    amax = w.abs().amax().float()
+    scales = handler.scales(amax, torch.tensor(1.0))
+    chosen = search_block_amax(handler.base, w, scales)
+    q = _StaticQuantizer(chosen.reshape(-1), amax, four_over_six=False)
+    ws2 = NVFP4QTensor.get_weights_scaling_factor_2_from_quantizer(q)
+    ws, _ = NVFP4QTensor.get_weights_scaling_factor_from_quantizer(q, w, ws2)
+    qt, _, _ = NVFP4QTensor.quantize(w.clone(), 16, ws, ws2)
+    mine = handler.quantize(w, scales)
+    assert torch.equal(bits(mine["weight_scale_2"]), bits(ws2))
+    assert torch.equal(bits(mine["weight_scale"]), bits(ws))
+    assert torch.equal(mine["weight"], qt._quantized_data)
+    assert (chosen != handler.base.block_amax(w)).any()  # the search moved some blocks

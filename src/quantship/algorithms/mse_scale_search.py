@@ -3,8 +3,9 @@
 Per block, the amax a block scale is derived from is searched over multiples of the block's
 own amax, keeping the one whose dequantized block has the smallest sum of squared errors to
 the original (float32). Candidates are Model Optimizer 0.47's `MseCalibrator` defaults
-(`quantization/calib/mse.py`; `mse_calibrate`: 0.25 to 4.0 in steps of 0.1, `torch.linspace`),
-ties to the first (smallest) multiplier, as its `argmin` picks. Below 1 a block clips its
+(`quantization/calib/mse.py`; `mse_calibrate`: `torch.linspace(0.25, 4.0, 39)`, a step of
+0.0987 that misses 1.0) preceded by 1.0 itself, so a block keeps its plain max scale unless
+another one is strictly better; ties go to the first candidate, as `argmin` picks. Below 1 a block clips its
 largest values to resolve the rest more finely; above 1 it can move the grid so that values
 land closer to representable points (coarse formats: E2M1, INT4).
 
@@ -25,7 +26,13 @@ START, STOP, STEP = 0.25, 4.0, 0.1
 
 
 def candidates(start: float = START, stop: float = STOP, step: float = STEP) -> Tensor:
+    """Model Optimizer's multipliers (`MseCalibrator._generate_candidates`)."""
     return torch.linspace(start, stop, steps=math.ceil((stop - start) / step) + 1)
+
+
+def search_multipliers() -> Tensor:
+    """1.0 (the plain max scale) first, then Model Optimizer's candidates."""
+    return torch.cat([torch.ones(1), candidates()])
 
 
 class BlockFormat(Protocol):
@@ -43,7 +50,7 @@ class BlockFormat(Protocol):
 def search_block_amax(fmt: BlockFormat, weight: Tensor, scales: dict[str, Tensor],
                       multipliers: Tensor | None = None) -> Tensor:
     """The per-block amax (same layout as `fmt.block_amax`) minimizing each block's MSE."""
-    multipliers = candidates() if multipliers is None else multipliers
+    multipliers = search_multipliers() if multipliers is None else multipliers
     base = fmt.block_amax(weight)
     w = weight.float()
     best_err = best = None
@@ -67,7 +74,7 @@ class MSESearched:
 
     base: BlockFormat
     name: str = ""
-    multipliers: tuple[float, ...] = field(default_factory=lambda: tuple(candidates().tolist()))
+    multipliers: tuple[float, ...] = field(default_factory=lambda: tuple(search_multipliers().tolist()))
 
     def __post_init__(self) -> None:
         if not self.name:
