@@ -55,25 +55,39 @@ def _quantize_cli(model: Path, out: Path, qformat: str = "nvfp4") -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def exports(sources, tmp_path_factory):
+    """kind -> (export of the source, export of its twin), each made once through the CLI."""
+    done: dict[str, tuple[Path, Path]] = {}
+
+    def get(kind: str) -> tuple[Path, Path]:
+        if kind not in done:
+            root = tmp_path_factory.mktemp(f"exports-{kind}")
+            done[kind] = tuple(_quantize_cli(folder, root / name)
+                               for folder, name in zip(sources[kind], ("from-source", "from-twin"), strict=True))
+        return done[kind]
+
+    return get
+
+
 @pytest.mark.parametrize("kind", ["fp8-block", "int4"])
-def test_quantized_source_exports_exactly_as_its_bf16_twin(sources, kind, tmp_path):
-    source, twin = sources[kind]
-    a = _tensors(_quantize_cli(source, tmp_path / "from-source"))
-    b = _tensors(_quantize_cli(twin, tmp_path / "from-twin"))
+def test_quantized_source_exports_exactly_as_its_bf16_twin(exports, kind):
+    from_source, from_twin = exports(kind)
+    a, b = _tensors(from_source), _tensors(from_twin)
     assert a.keys() == b.keys()
     differ = [n for n in a if a[n].dtype != b[n].dtype or not torch.equal(
         a[n].contiguous().view(-1).view(torch.uint8), b[n].contiguous().view(-1).view(torch.uint8))]
     assert differ == []
     for name in ("hf_quant_config.json", "config.json", "coverage.json"):
-        assert (tmp_path / "from-source" / name).read_text() == (tmp_path / "from-twin" / name).read_text()
-    config = json.loads((tmp_path / "from-source" / "config.json").read_text())
+        assert (from_source / name).read_text() == (from_twin / name).read_text()
+    config = json.loads((from_source / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "modelopt" and config["num_nextn_predict_layers"] == 1
-    assert verify_checkpoint(tmp_path / "from-source").ok
+    assert verify_checkpoint(from_source).ok
 
 
-def test_mtp_layer_is_exported_in_high_precision_and_excluded(sources, tmp_path):
-    source, twin = sources["fp8-block"]
-    out = _quantize_cli(source, tmp_path / "out")
+def test_mtp_layer_is_exported_in_high_precision_and_excluded(sources, exports):
+    source, _ = sources["fp8-block"]
+    out, _ = exports("fp8-block")
     tensors = _tensors(out)
     with SourceCheckpoint(source) as src:
         mtp = [n for n in src.names() if n.startswith(MTP)]
