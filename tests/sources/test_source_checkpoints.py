@@ -48,9 +48,10 @@ def _tensors(directory: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def _quantize_cli(model: Path, out: Path, qformat: str = "nvfp4") -> Path:
-    args = ["quantize", "--model", str(model), "--qformat", qformat, "--calib-size", "4", "--calib-seq-len", "24",
-            "--batch-size", "2", "--kv-cache-qformat", "fp8", "--export", str(out), "--no-progress", "--device", "cpu"]
+def _quantize_cli(model: Path, out: Path, *extra: str) -> Path:
+    args = ["quantize", "--model", str(model), "--qformat", "nvfp4", "--calib-size", "4", "--calib-seq-len", "24",
+            "--batch-size", "2", "--kv-cache-qformat", "fp8", "--export", str(out), "--no-progress", "--device", "cpu",
+            *extra]
     assert cli_main(args) == 0
     return out
 
@@ -83,6 +84,19 @@ def test_quantized_source_exports_exactly_as_its_bf16_twin(exports, kind):
     config = json.loads((from_source / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "modelopt" and config["num_nextn_predict_layers"] == 1
     assert verify_checkpoint(from_source).ok
+
+
+@pytest.mark.parametrize("kind", ["fp8-block", "int4"])
+def test_streaming_a_quantized_source_writes_the_in_memory_export(exports, sources, kind, tmp_path):
+    """quantship.streaming reads the same SourceCheckpoint a layer at a time and appends the MTP layer
+    as its own section: every file equals the in-memory export's, byte for byte."""
+    in_memory, _ = exports(kind)
+    streamed = _quantize_cli(sources[kind][0], tmp_path / "streamed", "--streaming")
+    for f in sorted(p.name for p in in_memory.iterdir()):
+        if f.endswith((".safetensors", ".json")) and f != "source_extras.json":
+            assert (streamed / f).read_bytes() == (in_memory / f).read_bytes(), f
+    assert json.loads((streamed / "source_extras.json").read_text())["mtp_tensors"] == \
+        json.loads((in_memory / "source_extras.json").read_text())["mtp_tensors"]
 
 
 def test_mtp_layer_is_exported_in_high_precision_and_excluded(sources, exports):
