@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 import quantship.streaming.layerwise as layerwise
 from quantship.pipeline import quantize
-from quantship.sources.load import LazyTensor
+from quantship.sources.reader import SourceCheckpoint
 from quantship.streaming import stream_quantize
 from quantship.streaming.journal import WORKDIR_PREFIX
 
@@ -96,7 +96,8 @@ def test_moe_coverage_has_both_sources(exports):
 
 def test_one_layer_in_memory_and_each_tensor_read_once(tmp_path, monkeypatch):
     """While a layer is planned, only that decoder layer holds real weights (the others and the
-    embeddings / lm_head are on the meta device), and every source tensor is read exactly once."""
+    embeddings / lm_head are on the meta device), every source tensor is read exactly once, and
+    the layers' (per-expert) checkpoint tensors are copied straight into their rows."""
     src = save_tiny_model("deepseek_v3", tmp_path / "src")
     real_layers: list[list[int]] = []
     reads: Counter = Counter()
@@ -115,16 +116,41 @@ def test_one_layer_in_memory_and_each_tensor_read_once(tmp_path, monkeypatch):
         spy_plan.run = self
         return original_layer(self, k, hidden, calls)
 
-    getitem = LazyTensor.__getitem__
+    dequantized = SourceCheckpoint.dequantized
 
-    def counted(self, index):
-        reads[self.name] += 1
-        return getitem(self, index)
+    def counted(self, name, *args, **kwargs):
+        reads[name] += 1
+        return dequantized(self, name, *args, **kwargs)
 
+    import quantship.streaming.source as source
+
+    plans = []
+    row_plan = source.row_plan
+
+    def spy_row_plan(*args):
+        plans.append(row_plan(*args))
+        return plans[-1]
+
+    monkeypatch.setattr(source, "row_plan", spy_row_plan)
     monkeypatch.setattr(layerwise, "build_plan", spy_plan)
     monkeypatch.setattr(layerwise.LayerwiseRun, "layer", layer)
-    monkeypatch.setattr(LazyTensor, "__getitem__", counted)
+    monkeypatch.setattr(SourceCheckpoint, "dequantized", counted)
     stream_quantize(src, "nvfp4", calib_batches(VOCAB, n=1), tmp_path / "out", device="cpu", progress=False)
     assert real_layers == [[0], [1], [2]]
+    assert len(plans) == 4 and all(p is not None for p in plans[1:])  # layers copied row by row, in place
     n_source = len(build_tiny_model("deepseek_v3").state_dict())  # fused experts count once here
     assert set(reads.values()) == {1} and len(reads) > n_source  # per-expert source tensors, once each
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "remote"])
+def test_transformers_loader_path_is_byte_identical(exports, kind, tmp_path, monkeypatch):
+    """Sections whose conversion is not row-wise go through transformers' own loader; force it."""
+    import quantship.streaming.source as source
+
+    monkeypatch.setattr(source, "row_plan", lambda *a: None)
+    mem, _ = exports[kind]
+    opts = CASES[kind]
+    out = stream_quantize(mem.parent / "src", opts["recipe"], calib_batches(VOCAB), tmp_path / "out",
+                          moe_min_tokens=opts.get("moe_min_tokens", 32), trust_remote_code=True, device="cpu",
+                          max_shard_bytes=SHARD, progress=False)
+    assert_same_files(mem, out)

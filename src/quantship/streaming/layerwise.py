@@ -118,6 +118,8 @@ class LayerwiseRun:
                                           "activation_bytes": 0, "pending_bytes": 0}
         self._saves: list[Future] = []
         self._pool = ThreadPoolExecutor(max_workers=1)  # activation files written while the GPU works
+        self._reader = ThreadPoolExecutor(max_workers=1)  # the next layer read while this one runs
+        self._next: Future | None = None
 
     @contextlib.contextmanager
     def _phase(self, name: str) -> Iterator[None]:
@@ -192,8 +194,12 @@ class LayerwiseRun:
         """Calibrate, plan, quantize and write decoder layer k; hidden[i] becomes its output."""
         name, layer = self.structure.decoder_layers[k]
         with self._phase("load"):
-            self.source.load_section(self.model, name)
-            layer.to(self.device)
+            # Read layer k+1 from disk while layer k computes and writes.
+            tensors = self._next.result() if self._next is not None else self.source.read_section(name)
+            nxt = k + 1 < len(self.layer_names)
+            self._next = self._reader.submit(self.source.read_section, self.layer_names[k + 1]) if nxt else None
+            self.source.load_section(self.model, name, self.device, tensors)
+            layer.to(self.device)  # non-persistent buffers
             check_finite(layer, name)
         part = layer_structure(self.structure, name)
         calibrator = Calibrator(self.model, part, self.recipe, self.kv_format, self.moe_min_tokens, set(self.excluded))
@@ -257,6 +263,7 @@ class LayerwiseRun:
 
     def finish(self, tokenizer=None) -> None:
         self._pool.shutdown()
+        self._reader.shutdown()
         if self.ranks.is_main:
             self._restore_partial_names()
             self.writer.close()

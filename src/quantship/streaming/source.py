@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,16 +23,76 @@ from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import (
     WeightConverter,
     WeightRenaming,
+    build_glob_alternation,
     convert_and_load_state_dict_in_model,
     rename_source_key,
+    revert_weight_conversion,
 )
 from transformers.modeling_utils import LoadStateDictConfig
 from transformers.utils import logging as hf_logging
 
 from quantship.errors import QuantshipError
-from quantship.export.sections import section_of
-from quantship.sources.load import LazyTensor
+from quantship.export.sections import OUTSIDE, section_of
 from quantship.sources.reader import PLAIN, SourceCheckpoint
+
+
+def row_plan(model: nn.Module, section: str, keys: set[str]) -> dict[str, dict[str, torch.Tensor]] | None:
+    """For every parameter and persistent buffer of `section`: {checkpoint tensor: the flat row
+    indices (over all leading dims) its rows fill}; None where transformers' conversion does more
+    than rename, stack and concatenate along rows, or does not use exactly `keys`.
+
+    Found with `model.checkpoint_names`' probe run backwards: the reverse conversion of a tensor
+    holding each row's own index shows where every checkpoint row comes from.
+    """
+    layer = model.get_submodule(section)
+    plan: dict[str, dict[str, torch.Tensor]] = {}
+    used: list[str] = []
+    for local, ref in layer.state_dict(keep_vars=True).items():
+        name = f"{section}.{local}"
+        rows = math.prod(ref.shape[:-1]) if ref.dim() >= 2 else ref.numel()
+        if ref.dim() >= 2:  # two columns, (i, -1-i): a conversion that moves columns shows
+            ids = torch.arange(rows).view(*ref.shape[:-1], 1)
+            probe = torch.cat([ids, -ids - 1], dim=-1)
+        else:
+            probe = torch.arange(rows).view(ref.shape)
+        mapping = {}
+        for key, value in revert_weight_conversion(model, {name: probe}).items():
+            if ref.dim() >= 2:
+                if value.dim() == 0 or value.shape[-1] != 2 or not torch.equal(value[..., 1], -value[..., 0] - 1):
+                    return None  # columns transposed, split or merged: not row-wise
+                value = value[..., 0]
+            mapping[key] = value.reshape(-1)
+        ids = torch.cat(list(mapping.values())) if mapping else torch.empty(0, dtype=torch.long)
+        if not torch.equal(ids.sort().values, torch.arange(rows)):
+            return None
+        plan[name] = mapping
+        used += list(mapping)
+    return plan if sorted(used) == sorted(keys) else None
+
+
+def _place(model: nn.Module, name: str, mapping: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor],
+           device: torch.device | str, dtype: torch.dtype) -> None:
+    """Fill a fresh tensor on `device` with its checkpoint tensors' rows and put it in the model."""
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    ref = getattr(module, leaf)
+    out = torch.empty(ref.shape, dtype=dtype, device=device)
+    flat = out.view(-1, ref.shape[-1]) if ref.dim() >= 2 else out.view(-1)
+    for key, ids in mapping.items():
+        t = tensors.pop(key)
+        cols = flat.shape[1] if flat.dim() == 2 else 1
+        if t.numel() != ids.numel() * cols or (flat.dim() == 2 and (t.dim() == 0 or t.shape[-1] != cols)):
+            raise QuantshipError(f"checkpoint tensor {key} has shape {tuple(t.shape)}, which does not fit "
+                                 f"{name} {tuple(ref.shape)}; the checkpoint does not match its config.json")
+        # The cast from_pretrained makes (`.to(dtype)`), on the way to the device.
+        value = t.to(device=device, dtype=dtype).reshape(ids.numel(), *flat.shape[1:])
+        flat.index_copy_(0, ids.to(device), value)
+    if leaf in module._parameters:
+        param = nn.Parameter(out, requires_grad=out.is_floating_point())
+        param._is_hf_initialized = True
+        module._parameters[leaf] = param
+    else:
+        module._buffers[leaf] = out
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
@@ -127,13 +188,30 @@ class LayerSource:
     def section_bytes(self, section: str, dtype: torch.dtype = torch.bfloat16) -> int:
         return sum(self.tensor_bytes(k, dtype) for k in self._sections.get(section, []))
 
-    def load_section(self, model: nn.Module, section: str) -> None:
-        """Load one section's tensors into the (meta) model, on the CPU (callers move them)."""
+    def read_section(self, section: str) -> dict[str, torch.Tensor]:
+        """The section's checkpoint tensors on the CPU, each read (or dequantized) once. Runs in
+        a background thread for the next layer while the current one computes."""
+        dtype = self._load_config.dtype if self._load_config else torch.bfloat16
+        return {k: self.reader.dequantized(k, dtype) for k in self._sections.get(section, [])}
+
+    def load_section(self, model: nn.Module, section: str, device: torch.device | str = "cpu",
+                     tensors: dict[str, torch.Tensor] | None = None) -> None:
+        """Load one section into the (meta) model on `device`; `tensors` from `read_section`.
+
+        Where transformers' conversion for the section only renames tensors and stacks or
+        concatenates them along rows (every model here), each checkpoint tensor is copied
+        straight into its rows of the parameter on `device`: nothing is held twice. Otherwise
+        transformers' own loader converts on the CPU and the section is moved after.
+        """
         assert self._load_config is not None, "call prepare() first"
-        keys = self._sections.get(section, [])
-        state = {k: LazyTensor(self.reader, k, self._load_config.dtype) for k in keys}
+        tensors = self.read_section(section) if tensors is None else tensors
+        plan = row_plan(model, section, set(self._sections.get(section, [])))
+        if plan is not None and section != OUTSIDE:
+            for name, mapping in plan.items():
+                _place(model, name, mapping, tensors, device, self._target_dtype(model, name))
+            return
         with _quiet_transformers_progress():
-            info, _ = convert_and_load_state_dict_in_model(model, state, self._load_config)
+            info, _ = convert_and_load_state_dict_in_model(model, tensors, self._load_config)
         if info.mismatched_keys:
             name, got, want = sorted(info.mismatched_keys, key=str)[0]
             raise QuantshipError(f"checkpoint tensor {name} has shape {tuple(got)}, the model expects {tuple(want)}; "
@@ -141,6 +219,16 @@ class LayerSource:
         if info.conversion_errors:
             first = next(iter(info.conversion_errors.items()))
             raise QuantshipError(f"cannot convert checkpoint tensors for {first[0]}: {first[1]}")
+
+    def _target_dtype(self, model: nn.Module, name: str) -> torch.dtype:
+        """The dtype from_pretrained gives a parameter: keep-in-fp32 plans, else the model's own."""
+        plan = self._load_config.dtype_plan or {}
+        if plan:
+            alternation, by_group, _ = build_glob_alternation(list(plan))
+            found = alternation.search(name)
+            if found is not None:
+                return plan[by_group[found.lastgroup]]
+        return model.get_parameter_or_buffer(name).dtype
 
     def close(self) -> None:
         self.reader.close()
