@@ -60,6 +60,8 @@ def test_kill_and_resume_is_byte_identical(tmp_path, kind, kill_after, max_shard
         assert journal["writer"]["shards"]  # closed shard files survive the kill
     else:
         assert journal["pending"] and not journal["writer"]["shards"]
+        # embeddings and lm_head are read from the source again, not stored twice
+        assert journal["pending"][0]["file"] is None and all(e["file"] for e in journal["pending"][1:])
 
     resumed = _stream(src, out, max_shard)  # the same command again
     assert_same_files(reference, resumed)

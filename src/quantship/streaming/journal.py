@@ -7,7 +7,9 @@ Next to the target, in `.quantship-stream-<target name>/`:
   list the report needs. Replaced atomically after each layer.
 - `export/`: the checkpoint being built; finished shards are closed files there.
 - `pending/<section>.safetensors`: a finished layer's tensors that share a not-yet-full shard
-  with the next layers (only for layers smaller than a shard; see `export.sections`).
+  with the next layers (only for layers smaller than a shard; see `export.sections`). Those of
+  the section outside the layers (embeddings, lm_head) are not stored: a resumed run reads them
+  from the source again, as it must anyway.
 - `acts/L<k>/b<j>.safetensors`: the hidden states entering layer k, per calibration batch j.
 A journal for a different command is discarded; once the export is in place the folder goes.
 """
@@ -18,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -131,10 +134,12 @@ class WorkDir:
         save_file(tensors, str(self.root / rel))
         return {"file": rel, "names": list(tensors)}
 
-    def load_pending(self, entries: list[dict]) -> dict[str, torch.Tensor]:
+    def load_pending(self, entries: list[dict], outside: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """The pending tensors in their order; `outside()` remakes those of the section outside
+        the layers (entries without a file) from the source."""
         out: dict[str, torch.Tensor] = {}
         for entry in entries:
-            loaded = load_file(str(self.root / entry["file"]))
+            loaded = outside() if entry["file"] is None else load_file(str(self.root / entry["file"]))
             out.update((n, loaded[n]) for n in entry["names"])
         return out
 

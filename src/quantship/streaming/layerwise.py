@@ -110,8 +110,6 @@ class LayerwiseRun:
         })
         self.state, self.resumed = self.work.open(fingerprint)
         self.writer = SectionShardWriter(self.work.staging, max_shard_bytes, metadata={"producer": "quantship"})
-        if self.resumed and self.ranks.is_main:
-            self.writer.restore(self.state.writer, self.work.load_pending(self.state.pending))
         self.mine = self.ranks.mine(len(batches))
         # Seconds per phase and extra bytes written, for bench/scale.py and the curious.
         self.timings: dict[str, float] = {"load": 0.0, "calibrate": 0.0, "quantize_write": 0.0, "journal": 0.0,
@@ -132,12 +130,14 @@ class LayerwiseRun:
             self.timings[name] += time.perf_counter() - start
 
     # ------------------------------------------------------------------ sections
+    def _section_items(self, section: str, plan: QuantPlan, state: dict[str, torch.Tensor]) -> list:
+        items = section_tensors(self.model, plan, section, state, self.layer_set)
+        return list(compressed_tensors.from_modelopt(items, self.hf_config, self.export_format)[1])
+
     def _write_section(self, index: int, section: str, plan: QuantPlan, state: dict[str, torch.Tensor]) -> None:
         """Append one section to the shards (rank 0); keep what stays pending on disk too."""
-        if not self.ranks.is_main:
-            return
-        items = section_tensors(self.model, plan, section, state, self.layer_set)
-        self._add(index, list(compressed_tensors.from_modelopt(items, self.hf_config, self.export_format)[1]))
+        if self.ranks.is_main:
+            self._add(index, self._section_items(section, plan, state))
 
     def _add(self, index: int, items: list) -> None:
         self.writer.add_section(items)
@@ -145,7 +145,10 @@ class LayerwiseRun:
         self.state.pending = [e for e in self.state.pending if e["names"][0] in pending]
         names = [n for n, _ in items]
         if names and names[0] in pending:
-            self.state.pending.append(self.work.save_pending(index, {n: pending[n] for n in names}))
+            if index == 0:  # the section outside the layers is read again on resume, not stored twice
+                self.state.pending.append({"file": None, "names": names})
+            else:
+                self.state.pending.append(self.work.save_pending(index, {n: pending[n] for n in names}))
             self.timings["pending_bytes"] += sum(pending[n].numel() * pending[n].element_size() for n in names)
         self.state.writer = self.writer.state()
 
@@ -172,8 +175,11 @@ class LayerwiseRun:
         for name, t in state.items():
             if t.is_floating_point() and not torch.isfinite(t).all():
                 raise QuantshipError(f"source weight {name} contains NaN or inf; fix or re-export the source model")
+        plan = QuantPlan(self.recipe, self.kv_format, self.handler, [], self.excluded, {}, {})
+        if self.resumed and self.ranks.is_main:
+            self.writer.restore(self.state.writer, self.work.load_pending(
+                self.state.pending, lambda: dict(self._section_items(OUTSIDE, plan, state))))
         if not self.state.outside_done:
-            plan = QuantPlan(self.recipe, self.kv_format, self.handler, [], self.excluded, {}, {})
             self._write_section(0, OUTSIDE, plan, state)
             self.state.outside_done = True
             self._commit()
