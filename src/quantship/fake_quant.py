@@ -46,12 +46,18 @@ def activation_fake_quant(
     handles = []
     patched = []
     modules = {t.name: t.module for t in structure.linears}
+    # Fused siblings (q/k/v, gate/up) get the same input tensor and the same input scale:
+    # quantize it once. Keyed on the tensor object itself, so only a true repeat hits.
+    last: list = [None, None, None]  # input, scale, its fake-quantized value
     try:
         for key, scale in input_scales.items():
             module = modules.get(key)
             if module is not None:
                 def pre_hook(_m: nn.Module, args: tuple, scale: torch.Tensor = scale) -> tuple:
-                    return (handler.fake_quant_input(args[0], scale), *args[1:])
+                    x = args[0]
+                    if last[0] is not x or not torch.equal(last[1], scale):
+                        last[:] = [x, scale, handler.fake_quant_input(x, scale)]
+                    return (last[2], *args[1:])
 
                 handles.append(module.register_forward_pre_hook(pre_hook))
         for fe in structure.fused_experts:
@@ -72,6 +78,7 @@ def activation_fake_quant(
             patched.append(fe.module)
         yield
     finally:
+        last.clear()
         for h in handles:
             h.remove()
         for m in patched:
