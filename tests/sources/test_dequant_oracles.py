@@ -93,6 +93,19 @@ def test_int_pack_quantized_equals_compressed_tensors_decompressor(scheme):
     assert torch.equal(_bits(ours_bf16), _bits(theirs.to(torch.bfloat16)))
 
 
+@pytest.mark.parametrize("num_bits", range(1, 9))
+def test_unpack_inverts_compressed_tensors_pack_for_every_width(num_bits):
+    """Widths dividing 8 take the byte path, 3/5/6/7 the straddling-word path; rows and zero points
+    (packed along dim 0) alike, for column counts around the 32-value packing unit."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    g = torch.Generator().manual_seed(num_bits)
+    for cols in (1, 7, 32, 33, 100):
+        v = torch.randint(-(1 << (num_bits - 1)), 1 << (num_bits - 1), (5, cols), generator=g).to(torch.int8)
+        assert torch.equal(unpack_int32(pack_to_int32(v, num_bits), num_bits, cols), v)
+        assert torch.equal(unpack_zero_point(pack_to_int32(v, num_bits, packed_dim=0), num_bits, 5), v)
+
+
 def test_int4_nibble_order_and_offset_written_down():
     """Values -8..7 in order: element j sits in nibble j of the little-endian word, stored as j + 8."""
     values = torch.arange(-8, 8, dtype=torch.int8).reshape(2, 8)

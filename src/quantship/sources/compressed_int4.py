@@ -19,6 +19,8 @@ against the decompressor itself), then cast to the model dtype.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import Tensor
 
@@ -33,14 +35,22 @@ def unpack_int32(packed: Tensor, num_bits: int, cols: int) -> Tensor:
     rows, words = packed.shape
     if words * 32 < cols * num_bits:
         raise ValueError(f"{words} int32 words per row cannot hold {cols} values of {num_bits} bits")
+    offset = 1 << (num_bits - 1)
+    if 8 % num_bits == 0 and sys.byteorder == "little":
+        # Widths that divide 8 never straddle a byte: read the words' bytes in memory order (the
+        # little-endian bit stream) and split each byte, lowest bits first.
+        shifts = torch.arange(0, 8, num_bits, dtype=torch.uint8, device=packed.device)
+        data = packed.contiguous().reshape(-1).view(torch.uint8).reshape(rows, words * 4)
+        values = (data.unsqueeze(-1) >> shifts) & ((1 << num_bits) - 1)
+        return (values.view(rows, -1)[:, :cols].to(torch.int16) - offset).to(torch.int8)
     # Each value lies within one 64-bit window made of the word it starts in and the next one.
     w = packed.to(torch.int64) & 0xFFFFFFFF
-    w = torch.cat([w, torch.zeros(rows, 1, dtype=torch.int64)], dim=1)
-    start = torch.arange(cols, dtype=torch.int64) * num_bits
-    word, offset = start // 32, start % 32
+    w = torch.cat([w, torch.zeros(rows, 1, dtype=torch.int64, device=packed.device)], dim=1)
+    start = torch.arange(cols, dtype=torch.int64, device=packed.device) * num_bits
+    word = start // 32
     window = w[:, word] | (w[:, word + 1] << 32)
-    values = (window >> offset) & ((1 << num_bits) - 1)
-    return (values - (1 << (num_bits - 1))).to(torch.int8)
+    values = (window >> (start % 32)) & ((1 << num_bits) - 1)
+    return (values - offset).to(torch.int8)
 
 
 def dequantize_packed(packed: Tensor, scale: Tensor, cols: int, num_bits: int,

@@ -40,7 +40,14 @@ def dequantize_fp8_block(weight: Tensor, scale_inv: Tensor, block: tuple[int, in
     if tuple(scale_inv.shape) != scale_grid((rows, cols), block):
         raise ValueError(f"weight {tuple(weight.shape)} with block {block} needs a scale grid of "
                          f"{scale_grid((rows, cols), block)}, got {tuple(scale_inv.shape)}")
-    # Expand the grid to one scale per element and cut the edge blocks to the weight's size.
-    scale = scale_inv.float().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
-    return (weight.float() * scale).to(dtype)
+    # One scale per column of each row block (the grid expanded along columns, edge block cut), then
+    # broadcast over the block's rows: no per-element scale tensor. A last partial row block is its own view.
+    col_scale = scale_inv.float().repeat_interleave(block[1], 1)[:, :cols]
+    out = weight.float()
+    full = rows // block[0]
+    if full:
+        out[: full * block[0]].view(full, block[0], cols).mul_(col_scale[:full].unsqueeze(1))
+    if rows % block[0]:
+        out[full * block[0]:].mul_(col_scale[full])
+    return out.to(dtype)
 
