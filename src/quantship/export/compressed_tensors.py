@@ -77,6 +77,10 @@ _FP8_ARGS = {"num_bits": 8, "type": "float", "symmetric": True, "group_size": No
 # scale; FP8 per-tensor input scales are static.
 _NVFP4_INPUT = {**_NVFP4_ARGS, "dynamic": "local", "observer": "static_minmax"}
 _FP8_INPUT = {**_FP8_ARGS, "observer": "static_minmax"}
+# FP8_PER_CHANNEL_PER_TOKEN is compressed-tensors' FP8_DYNAMIC preset: per-channel weight scales
+# `[out, 1]` (Model Optimizer writes `[out]`, the same values), per-token activations at run time.
+_FP8_CHANNEL_ARGS = {**_FP8_ARGS, "strategy": "channel"}
+_FP8_TOKEN_INPUT = {**_FP8_ARGS, "strategy": "token", "dynamic": True}
 KV_CACHE_SCHEMES = {"FP8": dict(_FP8_ARGS)}
 
 
@@ -91,6 +95,7 @@ class LayoutMap:
     per_tensor: frozenset[str]  # Model Optimizer names of one-element scales
     weights: dict
     input_activations: dict
+    per_channel: frozenset[str] = frozenset()  # Model Optimizer names of `[out]` scales, `[out, 1]` there
 
     def to_modelopt_name(self, leaf: str) -> str:
         return {v: k for k, v in self.renames.items()}.get(leaf, leaf)
@@ -106,6 +111,8 @@ LAYOUT_MAPS: dict[str, LayoutMap] = {
                   _NVFP4_ARGS, _NVFP4_INPUT),
         LayoutMap("FP8", "float-quantized", {}, frozenset(), frozenset({"weight_scale", "input_scale"}),
                   _FP8_ARGS, _FP8_INPUT),
+        LayoutMap("FP8_PER_CHANNEL_PER_TOKEN", "float-quantized", {}, frozenset(), frozenset(),
+                  _FP8_CHANNEL_ARGS, _FP8_TOKEN_INPUT, frozenset({"weight_scale"})),
     )
 }
 
@@ -206,6 +213,8 @@ def convert_tensor(name: str, tensor: Tensor, quant_algo: str, to: str) -> tuple
                 f"{name} has shape {list(value.shape)}; only per-tensor {m.quant_algo} scales convert between layouts"
             )
         value = value.float().reshape(1) if to == COMPRESSED_TENSORS else value.float().reshape(())
+    elif mo_leaf in m.per_channel:
+        value = value.reshape(-1, 1) if to == COMPRESSED_TENSORS else value.reshape(-1)
     elif new_leaf == leaf and leaf.endswith(_UNCONVERTIBLE):
         raise QuantshipError(f"{name}: a {leaf} tensor has no counterpart in the other layout; cannot convert")
     return f"{module}.{new_leaf}", value
@@ -247,6 +256,8 @@ def dequantize(tensors: dict[str, Tensor], quant_algo: str, dtype: torch.dtype =
     `weight_scale * weight_scale_2` instead; the two agree to one float32 rounding of the step.)"""
     if layout_map(quant_algo).quant_algo == "FP8":
         return (tensors["weight"].float() * tensors["weight_scale"].float().reshape(-1)[0]).to(dtype)
+    if layout_map(quant_algo).quant_algo == "FP8_PER_CHANNEL_PER_TOKEN":  # weight_scale [out, 1]
+        return (tensors["weight"].float() * tensors["weight_scale"].float()).to(dtype)
     codes = nvfp4.unpack_fp4(tensors["weight_packed"])
     step = tensors["weight_scale"].float() / tensors["weight_global_scale"].float().reshape(1)
     values = nvfp4.e2m1_values(codes).reshape(*codes.shape[:-1], -1, nvfp4.BLOCK_SIZE)
