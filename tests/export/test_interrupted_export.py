@@ -266,4 +266,7 @@ def test_kill_9_at_every_step_kind(models, references, tmp_path):
             _check_after_kill(target, overwrite, references, models)
     kinds = {name for name, *_ in seen}
     assert {"tmp", "shard", "finalize", "swap", "remove"} <= kinds, kinds
-    assert ("replace", True, True) in seen and ("exchange", True, False) in seen, seen
+    assert ("replace", True, True) in seen, seen
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    if shards._exchange(tmp_path / "a", tmp_path / "b"):  # where the filesystem can swap in one step
+        assert ("exchange", True, False) in seen, seen
