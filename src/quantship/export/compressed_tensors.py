@@ -81,6 +81,11 @@ _FP8_INPUT = {**_FP8_ARGS, "observer": "static_minmax"}
 # `[out, 1]` (Model Optimizer writes `[out]`, the same values), per-token activations at run time.
 _FP8_CHANNEL_ARGS = {**_FP8_ARGS, "strategy": "channel"}
 _FP8_TOKEN_INPUT = {**_FP8_ARGS, "strategy": "token", "dynamic": True}
+# MX (presets MXFP4 / MXFP8): the same bytes as Model Optimizer's `weight` (packed FP4 or e4m3)
+# and E8M0 `weight_scale` (uint8 biased exponents, `compressors/mx_utils.py`), activations MX at run time.
+_MXFP4_ARGS = {"num_bits": 4, "type": "float", "symmetric": True, "group_size": 32, "strategy": "group",
+               "dynamic": False, "scale_dtype": "torch.uint8"}
+_MXFP8_ARGS = {**_MXFP4_ARGS, "num_bits": 8}
 KV_CACHE_SCHEMES = {"FP8": dict(_FP8_ARGS)}
 
 
@@ -113,6 +118,9 @@ LAYOUT_MAPS: dict[str, LayoutMap] = {
                   _FP8_ARGS, _FP8_INPUT),
         LayoutMap("FP8_PER_CHANNEL_PER_TOKEN", "float-quantized", {}, frozenset(), frozenset(),
                   _FP8_CHANNEL_ARGS, _FP8_TOKEN_INPUT, frozenset({"weight_scale"})),
+        LayoutMap("mxfp4", "mxfp4-pack-quantized", {"weight": "weight_packed"}, frozenset(), frozenset(),
+                  _MXFP4_ARGS, {**_MXFP4_ARGS, "dynamic": True}),
+        LayoutMap("MXFP8", "mxfp8-quantized", {}, frozenset(), frozenset(), _MXFP8_ARGS, {**_MXFP8_ARGS, "dynamic": True}),
     )
 }
 
@@ -258,6 +266,12 @@ def dequantize(tensors: dict[str, Tensor], quant_algo: str, dtype: torch.dtype =
         return (tensors["weight"].float() * tensors["weight_scale"].float().reshape(-1)[0]).to(dtype)
     if layout_map(quant_algo).quant_algo == "FP8_PER_CHANNEL_PER_TOKEN":  # weight_scale [out, 1]
         return (tensors["weight"].float() * tensors["weight_scale"].float()).to(dtype)
+    if layout_map(quant_algo).quant_algo in ("mxfp4", "MXFP8"):
+        from quantship.formats import mxfp
+
+        if quant_algo == "mxfp4":
+            return mxfp.dequantize_mxfp4(tensors["weight_packed"], tensors["weight_scale"], dtype)
+        return mxfp.dequantize_mxfp8(tensors["weight"], tensors["weight_scale"], dtype)
     codes = nvfp4.unpack_fp4(tensors["weight_packed"])
     step = tensors["weight_scale"].float() / tensors["weight_global_scale"].float().reshape(1)
     values = nvfp4.e2m1_values(codes).reshape(*codes.shape[:-1], -1, nvfp4.BLOCK_SIZE)

@@ -151,6 +151,11 @@ SPECS.update({
     (MODELOPT, "W8A8_SQ_PER_CHANNEL"): _more("I8", False, {"weight_scale": _ROWS_F32, "input_scale": _ONE_F32},
                                              ("input_scale",), _PQS),
     (MODELOPT, "W8A16"): _more("I8", False, {"weight_scale": _ROWS_F32}),
+    # compressed-tensors MX formats (`compressors/mxfp4`, `compressors/mxfp8`), checked under their format name.
+    (COMPRESSED_TENSORS, "mxfp4-pack-quantized"): AlgoSpec("weight_packed", "U8", True,
+                                                          {"weight_scale": ScaleSpec(("U8",), "blocks")}, "", ()),
+    (COMPRESSED_TENSORS, "mxfp8-quantized"): AlgoSpec("weight", "F8_E4M3", False,
+                                                     {"weight_scale": ScaleSpec(("U8",), "blocks")}, "", ()),
 })
 KNOWN_ALGOS = sorted({algo for _, algo in SPECS})
 
