@@ -149,7 +149,7 @@ class LayerwiseRun:
                 self.state.pending.append({"file": None, "names": names})
             else:
                 self.state.pending.append(self.work.save_pending(index, {n: pending[n] for n in names}))
-            self.timings["pending_bytes"] += sum(pending[n].numel() * pending[n].element_size() for n in names)
+                self.timings["pending_bytes"] += sum(pending[n].numel() * pending[n].element_size() for n in names)
         self.state.writer = self.writer.state()
 
     def _commit(self) -> None:
