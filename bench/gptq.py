@@ -25,17 +25,21 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+# bench/ holds scripts such as kernels.py whose names shadow packages transformers imports
+# (`kernels`); keep this script's own folder off the import path.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from quantship.algorithms.gptq import GPTQConfig, HessianAccumulator, gptq_quantize, objective
-from quantship.algorithms.gptq_formats import GPTQ_FORMATS
-from quantship.algorithms.layer_inputs import capture_layer_inputs, run_layer
-from quantship.algorithms.sequential import apply_gptq
-from quantship.calibration.data import build_calibration_batches, load_documents, split_documents
-from quantship.default_model import default_model_dir
-from quantship.evaluate import eval_batches, perplexity
-from quantship.pipeline import quantize
-from quantship.source import load_source_model
+import torch  # noqa: E402
+
+from quantship.algorithms.gptq import GPTQConfig, HessianAccumulator, gptq_quantize, objective  # noqa: E402
+from quantship.algorithms.gptq_formats import GPTQ_FORMATS  # noqa: E402
+from quantship.algorithms.layer_inputs import capture_layer_inputs, run_layer  # noqa: E402
+from quantship.algorithms.sequential import apply_gptq  # noqa: E402
+from quantship.calibration.data import build_calibration_batches, load_documents, split_documents  # noqa: E402
+from quantship.default_model import default_model_dir  # noqa: E402
+from quantship.evaluate import eval_batches, perplexity  # noqa: E402
+from quantship.pipeline import quantize  # noqa: E402
+from quantship.source import load_source_model  # noqa: E402
 
 
 def parse_variant(spec: str) -> tuple[str, str, dict]:

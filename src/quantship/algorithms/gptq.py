@@ -33,7 +33,9 @@ class GPTQConfig:
 
     block_size: int = 128  # lazy-batch width; a multiple of NVFP4's 16 so blocks never straddle it
     damp: float = 0.01  # lambda = damp * mean(diag H), added to diag H (paper: 1%)
-    nvfp4_scales: str = "static"  # "static": block scales from the original weight; "dynamic": per block as reached
+    # NVFP4 block scales: "static" from the original weight, "dynamic" per block as GPTQ reaches
+    # it; "static_mse" / "mse" the same with a least-squares choice among nearby e4m3 scales.
+    nvfp4_scales: str = "static"
     act_order: bool = False  # columns by decreasing diag H (static block scales and FP8 only)
     act_quant: bool = True  # Hessian inputs and layer propagation with activations fake-quantized
     # An expert (or any weight) whose Hessian saw fewer than this many input rows per input
@@ -41,13 +43,14 @@ class GPTQConfig:
     min_tokens_per_dim: float = 2.0
 
     def __post_init__(self) -> None:
-        if self.nvfp4_scales not in ("static", "dynamic"):
-            raise QuantshipError(f"GPTQ nvfp4_scales must be 'static' or 'dynamic', got {self.nvfp4_scales!r}")
+        if self.nvfp4_scales not in ("static", "dynamic", "static_mse", "mse"):
+            raise QuantshipError(f"GPTQ nvfp4_scales must be static, dynamic, static_mse or mse, "
+                                 f"got {self.nvfp4_scales!r}")
         if self.block_size <= 0 or self.block_size % 16:
             raise QuantshipError(f"GPTQ block_size must be a positive multiple of 16, got {self.block_size}")
         if not 0 < self.damp < 1:
             raise QuantshipError(f"GPTQ damp must be in (0, 1), got {self.damp}")
-        if self.act_order and self.nvfp4_scales == "dynamic":
+        if self.act_order and self.nvfp4_scales in ("dynamic", "mse"):
             raise QuantshipError(
                 "GPTQ act_order needs static NVFP4 block scales: a dynamic block scale is derived when the "
                 "block's first column is reached, and under a permutation its other 15 columns are still "

@@ -11,7 +11,10 @@ NVFP4 block scales, two policies (`GPTQConfig.nvfp4_scales`):
 - "static": the e4m3 block scales of round-to-nearest, from the original weight, fixed before
   compensation (any column order works, so act-order is allowed);
 - "dynamic": a block's scale is derived from its 16 compensated values when GPTQ reaches the
-  block's first column (all earlier columns' errors have arrived by then).
+  block's first column (all earlier columns' errors have arrived by then);
+- "static_mse" / "mse": as "static" / "dynamic", but each block scale is the one among the
+  amax-derived e4m3 scale and the next MSE_CANDIDATES - 1 smaller e4m3 values that gives the
+  block's 16 values the least squared rounding error (clipping the block max can pay off).
 The global scale (`weight_scale_2`, shared by fused siblings) is the plan's in both.
 """
 
@@ -25,6 +28,9 @@ from torch import Tensor
 from quantship.formats import fp8, nvfp4
 
 BLOCK = nvfp4.BLOCK_SIZE
+MSE_CANDIDATES = 4  # e4m3 steps are 1/8..1/16 apart: 4 candidates reach down to ~0.7x the amax scale
+NVFP4_SCALE_MODES = ("static", "dynamic", "static_mse", "mse")
+DYNAMIC_MODES = ("dynamic", "mse")
 
 
 def _unpermute(x: Tensor, perm: Tensor | None) -> Tensor:
@@ -33,20 +39,38 @@ def _unpermute(x: Tensor, perm: Tensor | None) -> Tensor:
     return x.gather(2, torch.argsort(perm, dim=-1)[:, None, :].expand_as(x))
 
 
+def _block_scales(values: Tensor, s2: Tensor, mse: bool) -> Tensor:
+    """e4m3 scales of `values` [B, rows, n*16] in blocks of 16 under `s2` [B]: RTN's amax rule,
+    or with `mse` the best of MSE_CANDIDATES e4m3 values at and below it."""
+    scale = nvfp4.block_scales(values, s2)
+    if not mse:
+        return scale
+    # Positive e4m3 values are ordered like their bytes: byte - k is the k-th smaller value.
+    bits = scale.view(torch.uint8).int()
+    cands = torch.stack([(bits - k).clamp_min(1) for k in range(MSE_CANDIDATES)]).to(torch.uint8)
+    cands = cands.view(torch.float8_e4m3fn)  # [K, B, rows, n]
+    step = (cands.float() * s2[None, :, None, None]).unsqueeze(-1)  # the float32 product, as _encode
+    blocks = values.float().reshape(*values.shape[:-1], -1, BLOCK).unsqueeze(0)
+    deq = nvfp4.e2m1_values(nvfp4.round_to_e2m1_codes(blocks / step)) * step
+    best = ((blocks - deq) ** 2).sum(-1).argmin(0)  # ties: the first, i.e. the amax scale
+    return cands.view(torch.uint8).gather(0, best[None]).view(torch.float8_e4m3fn)[0]
+
+
 class NVFP4Columns:
     """E2M1 codes column by column under a fixed `scale_2` [B] per matrix."""
 
-    def __init__(self, weight: Tensor, scale_2: Tensor, dynamic: bool):
+    def __init__(self, weight: Tensor, scale_2: Tensor, mode: str):
         n_batch, rows, cols = weight.shape
         self.s2 = torch.as_tensor(scale_2, device=weight.device).float().reshape(-1).expand(n_batch).contiguous()
-        self.dynamic = dynamic
+        self.dynamic = mode in DYNAMIC_MODES
+        self.mse = mode.endswith("mse")
         self.codes = torch.zeros(n_batch, rows, cols, dtype=torch.uint8, device=weight.device)
         self.perm: Tensor | None = None
-        if dynamic:
+        if self.dynamic:
             self.block_scale = torch.zeros(n_batch, rows, cols // BLOCK, dtype=torch.uint8, device=weight.device)
             self._step: Tensor | None = None
         else:
-            scale = nvfp4.block_scales(weight, self.s2)  # RTN's block scales, from the original weight
+            scale = _block_scales(weight, self.s2, self.mse)  # from the original weight
             self.block_scale = scale.view(torch.uint8)
             # Per column: the float32 step block_scale * scale_2 (one rounding, as _encode forms it).
             self._steps = (scale.float() * self.s2[:, None, None]).repeat_interleave(BLOCK, dim=-1)
@@ -60,7 +84,7 @@ class NVFP4Columns:
     def column(self, j: int, block: Tensor, i: int) -> Tensor:
         if self.dynamic:
             if j % BLOCK == 0:  # first column of an NVFP4 block: its 16 values are final but for their own errors
-                scale = nvfp4.block_scales(block[:, :, i : i + BLOCK], self.s2)[..., 0]
+                scale = _block_scales(block[:, :, i : i + BLOCK], self.s2, self.mse)[..., 0]
                 self.block_scale[:, :, j // BLOCK] = scale.view(torch.uint8)
                 self._step = scale.float() * self.s2[:, None]
             step = self._step
@@ -107,7 +131,7 @@ class GPTQFormat:
 
     def columns(self, weight: Tensor, scale: Tensor, nvfp4_scales: str) -> NVFP4Columns | FP8Columns:
         if self.matrix_scale == "weight_scale_2":
-            return NVFP4Columns(weight, scale, dynamic=nvfp4_scales == "dynamic")
+            return NVFP4Columns(weight, scale, nvfp4_scales)
         return FP8Columns(weight, scale)
 
 

@@ -65,7 +65,12 @@ class _LayerObservers:
         self.experts: dict[str, dict[int, HessianAccumulator]] = {}
         modules = {t.name: t.module for t in structure.linears}
         fused = {f"{fe.name}.{p}": fe for fe in structure.fused_experts for p in (fe.gate_up_param, fe.down_param)}
-        cache: dict[object, tuple[Tensor, Tensor]] = {}  # siblings share an input: fake-quantize it once
+        # Fused siblings (q/k/v, gate/up) are fed one input tensor: fake-quantize it once and
+        # accumulate one Hessian for the group. Each member counts its own rows, and
+        # `shared_hessian_checked` refuses a group whose members saw different inputs.
+        cache: dict[object, tuple[Tensor, Tensor]] = {}
+        shared: dict[object, HessianAccumulator] = {}
+        self.rows_seen: dict[str, int] = {}
         patched_fused: set[str] = set()
         for t in targets:
             if t.fused_experts:
@@ -74,10 +79,12 @@ class _LayerObservers:
                     patched_fused.add(fe.name)
                     self._patch_fused(fe, targets, handler, config)
                 continue
-            acc = self.linear[t.key] = HessianAccumulator(t.weight.shape[-1])
+            group = tuple(t.group) or t.key
+            acc = self.linear[t.key] = shared.setdefault(group, HessianAccumulator(t.weight.shape[-1]))
+            self.rows_seen[t.key] = 0
             scale = t.scales["input_scale"]
 
-            def hook(_m: nn.Module, args: tuple, acc=acc, scale=scale, group=tuple(t.group) or t.key):
+            def hook(_m: nn.Module, args: tuple, acc=acc, scale=scale, group=group, key=t.key):
                 x = args[0]
                 hit = cache.get(group)
                 if hit is not None and hit[0] is x:
@@ -85,8 +92,10 @@ class _LayerObservers:
                 else:
                     xq = handler.fake_quant_input(x, scale) if config.act_quant else x
                     cache[group] = (x, xq)
+                    if self.collecting:
+                        acc.add(xq)
                 if self.collecting:
-                    acc.add(xq)
+                    self.rows_seen[key] += x.numel() // x.shape[-1]
                 return (xq, *args[1:]) if config.act_quant else None
 
             self.handles.append(modules[t.key].register_forward_pre_hook(hook))
@@ -121,6 +130,14 @@ class _LayerObservers:
         fe.module.forward = forward
         self.patched.append(fe.module)
 
+    def shared_hessian_checked(self) -> None:
+        """Every member of a shared accumulator saw as many rows as it holds (same inputs)."""
+        for key, acc in self.linear.items():
+            if self.rows_seen[key] != acc.n:
+                raise QuantshipError(
+                    f"{key} and its fused siblings were fed different inputs ({self.rows_seen[key]} vs {acc.n} rows); "
+                    "they cannot share a Hessian — use --algorithm max for this model")
+
     def close(self) -> None:
         for h in self.handles:
             h.remove()
@@ -133,6 +150,7 @@ def _matrices(targets: list[QuantTarget], obs: _LayerObservers, fmt: GPTQFormat,
               results: dict[str, TargetResult]) -> list[_Matrix]:
     """One matrix per Linear and per expert with enough tokens; the rest keep round-to-nearest."""
     mats = []
+    hessians: dict[int, Tensor] = {}
     for t in targets:
         scale = t.scales[fmt.matrix_scale]
         need = _min_tokens(t.weight.shape[-1], config)
@@ -145,7 +163,10 @@ def _matrices(targets: list[QuantTarget], obs: _LayerObservers, fmt: GPTQFormat,
             tokens = [obs.linear[t.key].n]
             ok = [tokens[0] >= need]
             if ok[0]:
-                mats.append(_Matrix(t.key, None, t.weight, obs.linear[t.key].hessian(), scale))
+                acc = obs.linear[t.key]
+                if id(acc) not in hessians:  # one Hessian object per shared accumulator
+                    hessians[id(acc)] = acc.hessian()
+                mats.append(_Matrix(t.key, None, t.weight, hessians[id(acc)], scale))
         results[t.key] = TargetResult(tokens, ok, need)
     return mats
 
@@ -158,7 +179,7 @@ def _run_gptq(mats: list[_Matrix], fmt: GPTQFormat, config: GPTQConfig) -> None:
         for group in merged:
             g = group[0]
             if (g.expert is None and m.expert is None and g.weight.shape[-1] == m.weight.shape[-1]
-                    and torch.equal(g.scale, m.scale) and torch.equal(g.hessian, m.hessian)):
+                    and torch.equal(g.scale, m.scale) and g.hessian is m.hessian):
                 group.append(m)
                 break
         else:
@@ -218,6 +239,7 @@ def gptq_decoder_layer(layer: nn.Module, hidden: list[Tensor], calls: LayerCalls
         for b, x in enumerate(hidden):
             run_layer(layer, x, calls, b)
         obs.collecting = False
+        obs.shared_hessian_checked()
         mats = _matrices(targets, obs, fmt, config, results)
         obs.linear.clear()
         obs.experts.clear()
