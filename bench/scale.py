@@ -35,6 +35,10 @@ from pathlib import Path
 
 import torch
 
+# bench/ holds scripts named like packages transformers imports (bench/kernels.py shadows HF's
+# `kernels`): keep this folder off the import path.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 GB = 1e9
 NVFP4_RATIO = 4.5 / 16  # packed 4-bit weights + e4m3 scale per 16, against BF16
 
