@@ -10,9 +10,9 @@ import torch
 from quantship.algorithms.gptq import GPTQConfig, HessianAccumulator, gptq_quantize, objective
 from quantship.algorithms.gptq_formats import GPTQ_FORMATS
 from quantship.errors import QuantshipError
-from quantship.formats import fp8, nvfp4
+from quantship.formats import fp8, int4, nvfp4
 
-ROWS, COLS = 24, 96
+ROWS, COLS = 24, 256  # INT4 needs two groups of 128
 E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=torch.float64)
 E4M3 = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).double()
 E4M3 = torch.unique(E4M3[torch.isfinite(E4M3)])
@@ -83,16 +83,17 @@ def problem():
 
 
 def _run(w, h, fmt: str, config: GPTQConfig):
-    scale = (nvfp4.global_scale_from_amax(w.abs().amax().float()) if fmt == "nvfp4"
-             else fp8.scale_from_amax(w.abs().amax().float()))
+    amax = w.abs().amax().float()
+    scale = {"nvfp4": nvfp4.global_scale_from_amax(amax), "fp8": fp8.scale_from_amax(amax)}.get(fmt, torch.ones(()))
     cols = GPTQ_FORMATS[fmt].columns(w[None], scale[None], config.nvfp4_scales)
     q = gptq_quantize(w[None], h[None], cols, config)[0]
-    return q, cols.row_tensors(), scale
+    rows = GPTQ_FORMATS[fmt].pack({k: v[0] for k, v in cols.row_tensors().items()})
+    return q, rows, scale
 
 
 @pytest.mark.parametrize(("fmt", "mode", "act_order"), [
     ("nvfp4", "static", False), ("nvfp4", "static", True), ("nvfp4", "dynamic", False),
-    ("fp8", "static", False), ("fp8", "static", True),
+    ("fp8", "static", False), ("fp8", "static", True), ("int4_awq", "static", False), ("int4_awq", "static", True),
 ])
 def test_matches_float64_reference_and_beats_rtn(problem, fmt, mode, act_order):
     w, h, _ = problem
@@ -100,12 +101,20 @@ def test_matches_float64_reference_and_beats_rtn(problem, fmt, mode, act_order):
     if fmt == "nvfp4":
         quant = nvfp4_reference_quant(w, dynamic=mode == "dynamic")
         rtn = nvfp4.fake_quantize_nvfp4_weight(w.float(), scale)
-    else:
+    elif fmt == "fp8":
         def quant(cur, i):
             code = _nearest(E4M3, (cur[:, i] / scale.double()).clamp(-448, 448))
             return (code.float() * scale).double()  # dequantized as the format does, in float32
 
         rtn = fp8.fake_quantize_fp8(w.float(), scale)
+    else:  # INT4: groups of 128 inputs, scale amax / 7 from the original weight, codes -8..7
+        step = (w.float().abs().reshape(ROWS, -1, 128).amax(-1) / 7).repeat_interleave(128, dim=1)
+
+        def quant(cur, i):
+            code = _nearest(torch.arange(-8, 8, dtype=torch.float64), cur[:, i] / step[:, i].double())
+            return (code.float() * step[:, i]).double()
+
+        rtn = int4.fake_quantize_int4(w.float())
     order = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else None
     ref = reference_gptq(w, h, quant, order=order)
     obj = lambda a: float(objective(w[None], a[None], h[None]))  # noqa: E731
@@ -119,7 +128,7 @@ def test_matches_float64_reference_and_beats_rtn(problem, fmt, mode, act_order):
 def test_nvfp4_export_dequantizes_bit_exactly_to_the_gptq_weight(problem, mode, act_order):
     w, h, _ = problem
     q, rows, s2 = _run(w, h, "nvfp4", GPTQConfig(nvfp4_scales=mode, act_order=act_order))
-    packed, block_scale = rows["weight"][0], rows["weight_scale"][0]
+    packed, block_scale = rows["weight"], rows["weight_scale"]
     assert packed.dtype == torch.uint8 and packed.shape == (ROWS, COLS // 2)
     assert block_scale.dtype == torch.float8_e4m3fn and block_scale.shape == (ROWS, COLS // 16)
     back = nvfp4.dequantize_nvfp4(packed, block_scale, s2, dtype=torch.float32)
@@ -134,7 +143,15 @@ def test_fp8_export_dequantizes_bit_exactly_to_the_gptq_weight(problem):
     w, h, _ = problem
     q, rows, scale = _run(w, h, "fp8", GPTQConfig())
     assert rows["weight"].dtype == torch.float8_e4m3fn
-    assert torch.equal(fp8.dequantize_fp8(rows["weight"][0], scale, torch.float32), q)
+    assert torch.equal(fp8.dequantize_fp8(rows["weight"], scale, torch.float32), q)
+
+
+def test_int4_export_dequantizes_bit_exactly_to_the_gptq_weight(problem):
+    w, h, _ = problem
+    q, rows, _ = _run(w, h, "int4_awq", GPTQConfig(act_order=True))
+    assert rows["weight"].dtype == torch.uint8 and rows["weight"].shape == (ROWS // 2, COLS)
+    assert torch.equal(int4.dequantize_int4(rows["weight"], rows["weight_scale"], 128, torch.float32), q)
+    assert torch.equal(rows["weight_scale"], int4.scale_from_amax(int4.group_amax(w)))
 
 
 def test_uncorrelated_inputs_give_round_to_nearest_exactly():
@@ -143,9 +160,9 @@ def test_uncorrelated_inputs_give_round_to_nearest_exactly():
     w = torch.randn(16, 64, generator=g)  # float32: FP8 RTN then has no bf16 double rounding
     h = torch.diag(torch.rand(64, generator=g) + 0.5)
     _, rows, s2 = _run(w.to(torch.bfloat16), h, "nvfp4", GPTQConfig())
-    assert torch.equal(rows["weight"][0], nvfp4.quantize_nvfp4(w.to(torch.bfloat16), s2).packed)
+    assert torch.equal(rows["weight"], nvfp4.quantize_nvfp4(w.to(torch.bfloat16), s2).packed)
     _, rows, scale = _run(w, h, "fp8", GPTQConfig())
-    assert torch.equal(rows["weight"][0].view(torch.uint8), fp8.quantize_fp8(w, scale)[0].view(torch.uint8))
+    assert torch.equal(rows["weight"].view(torch.uint8), fp8.quantize_fp8(w, scale)[0].view(torch.uint8))
 
 
 def test_batched_matrices_equal_one_at_a_time(problem):

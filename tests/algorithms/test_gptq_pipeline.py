@@ -106,3 +106,19 @@ def test_cli_algorithm_flag(tmp_path, smollm2_dir, capsys):
     assert main(["quantize", "--model", str(src), "--algorithm", "awq2", "--export", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--algorithm" in err[0] and "gptq" in err[0]
+
+
+def test_int4_awq_export_holds_gptqs_codes_and_pre_quant_scale(tmp_path):
+    """INT4 W4A16 AWQ: GPTQ runs on the AWQ-smoothed weights (their inputs scaled by the
+    pre_quant_scale hooks), and the export keeps both GPTQ's packed codes and the scales."""
+    from test_more_formats_export import _llama
+
+    qm = quantize(_llama(), "int4_awq", _batches(), progress=False, algorithm="gptq")
+    out = qm.export(tmp_path / "out", progress=False)
+    assert verify_checkpoint(out).ok
+    saved = load_file(str(out / "model.safetensors"))
+    assert "model.layers.0.mlp.down_proj.pre_quant_scale" in saved
+    for t in qm.plan.targets:
+        assert torch.equal(saved[f"{t.key}.weight"], t.scales["weight"])
+        assert torch.equal(saved[f"{t.key}.weight_scale"], t.scales["weight_scale"])
+    assert max(v["error_ratio_vs_rtn"] for v in qm.plan.algorithm_report["targets"].values()) < 1.0

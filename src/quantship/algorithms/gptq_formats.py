@@ -16,6 +16,9 @@ NVFP4 block scales, two policies (`GPTQConfig.nvfp4_scales`):
   amax-derived e4m3 scale and the next MSE_CANDIDATES - 1 smaller e4m3 values that gives the
   block's 16 values the least squared rounding error (clipping the block max can pay off).
 The global scale (`weight_scale_2`, shared by fused siblings) is the plan's in both.
+
+INT4 (W4A16 AWQ, `int4_awq`): group scales of 128 inputs fixed from the (AWQ-smoothed) weight
+before compensation; act-order allowed.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from quantship.formats import fp8, nvfp4
+from quantship.formats import fp8, int4, nvfp4
 
 BLOCK = nvfp4.BLOCK_SIZE
 MSE_CANDIDATES = 4  # e4m3 steps are 1/8..1/16 apart: 4 candidates reach down to ~0.7x the amax scale
@@ -95,9 +98,8 @@ class NVFP4Columns:
         return nvfp4.e2m1_values(codes) * step
 
     def row_tensors(self) -> dict[str, Tensor]:
-        """{"weight": packed uint8 [B, rows, cols/2], "weight_scale": e4m3 [B, rows, cols/16]}."""
-        codes = _unpermute(self.codes, self.perm)
-        return {"weight": nvfp4.pack_fp4(codes), "weight_scale": self.block_scale.view(torch.float8_e4m3fn)}
+        """{"codes": uint8 [B, rows, cols], "weight_scale": e4m3 [B, rows, cols/16]}, by row."""
+        return {"codes": _unpermute(self.codes, self.perm), "weight_scale": self.block_scale.view(torch.float8_e4m3fn)}
 
 
 class FP8Columns:
@@ -120,21 +122,66 @@ class FP8Columns:
         return q.float() * self.scale
 
     def row_tensors(self) -> dict[str, Tensor]:
-        return {"weight": _unpermute(self.codes, self.perm).view(torch.float8_e4m3fn)}
+        return {"codes": _unpermute(self.codes, self.perm).view(torch.float8_e4m3fn)}
+
+
+class Int4Columns:
+    """Symmetric INT4 codes in groups of `group` inputs, group scales fixed from the original
+    weight (`int4.scale_from_amax(group_amax / 7)`), as `formats/int4.py` rounds: round half to
+    even of the float32 quotient, clamped to [-8, 7]; dequantized `code * scale`."""
+
+    def __init__(self, weight: Tensor, group: int):
+        self.scale = int4.scale_from_amax(int4.group_amax(weight, group))  # [B, rows, cols/group]
+        self._steps = self.scale.repeat_interleave(group, dim=-1)
+        self.codes = torch.zeros(weight.shape, dtype=torch.int8, device=weight.device)
+        self.perm: Tensor | None = None
+
+    def set_order(self, perm: Tensor) -> None:
+        self.perm = perm
+        self._steps = self._steps.gather(2, perm[:, None, :].expand_as(self._steps))
+
+    def column(self, j: int, block: Tensor, i: int) -> Tensor:
+        step = self._steps[:, :, j]
+        q = (block[:, :, i] / step).round().clamp(int4.INT4_MIN_CODE, int4.INT4_MAX_CODE)
+        self.codes[:, :, j] = q.to(torch.int8)
+        return q * step
+
+    def row_tensors(self) -> dict[str, Tensor]:
+        return {"codes": _unpermute(self.codes, self.perm), "weight_scale": self.scale}
 
 
 @dataclass(frozen=True)
 class GPTQFormat:
-    """How one handler's weights go through GPTQ: the plan scale fixed before GPTQ (one per matrix)."""
+    """How one handler's weights go through GPTQ: the plan scale fixed before GPTQ (one per
+    matrix, None where the format has none) and how row codes become checkpoint tensors."""
 
-    matrix_scale: str
+    kind: str  # "nvfp4", "fp8" or "int4"
+    matrix_scale: str | None
+    group: int = 0
 
-    def columns(self, weight: Tensor, scale: Tensor, nvfp4_scales: str) -> NVFP4Columns | FP8Columns:
-        if self.matrix_scale == "weight_scale_2":
+    def columns(self, weight: Tensor, scale: Tensor, nvfp4_scales: str) -> NVFP4Columns | FP8Columns | Int4Columns:
+        if self.kind == "nvfp4":
             return NVFP4Columns(weight, scale, nvfp4_scales)
+        if self.kind == "int4":
+            return Int4Columns(weight, self.group)
         return FP8Columns(weight, scale)
 
+    def pack(self, rows: dict[str, Tensor]) -> dict[str, Tensor]:
+        """One matrix's row tensors (`[..., rows, cols]` codes) -> its checkpoint tensors. Packing
+        comes after rows are split per target: INT4 packs pairs of output rows."""
+        out = {k: v for k, v in rows.items() if k != "codes"}
+        codes = rows["codes"]
+        if self.kind == "nvfp4":
+            codes = nvfp4.pack_fp4(codes)
+        elif self.kind == "int4":
+            codes = int4.pack_out_pairs(codes)
+        return {"weight": codes, **out}
 
-# Keyed by FormatHandler.name; a format missing here cannot use --algorithm gptq yet. The row
-# tensors the quantizers return go into the target's scales, which the handler then exports.
-GPTQ_FORMATS: dict[str, GPTQFormat] = {"nvfp4": GPTQFormat("weight_scale_2"), "fp8": GPTQFormat("weight_scale")}
+
+# Keyed by FormatHandler.name; a format missing here cannot use --algorithm gptq yet. The packed
+# tensors go into the target's scales under their checkpoint names; the handler exports them.
+GPTQ_FORMATS: dict[str, GPTQFormat] = {
+    "nvfp4": GPTQFormat("nvfp4", "weight_scale_2"),
+    "fp8": GPTQFormat("fp8", "weight_scale"),
+    "int4_awq": GPTQFormat("int4", None, int4.DEFAULT_GROUP),
+}

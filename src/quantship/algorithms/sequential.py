@@ -152,7 +152,7 @@ def _matrices(targets: list[QuantTarget], obs: _LayerObservers, fmt: GPTQFormat,
     mats = []
     hessians: dict[int, Tensor] = {}
     for t in targets:
-        scale = t.scales[fmt.matrix_scale]
+        scale = t.scales[fmt.matrix_scale] if fmt.matrix_scale else torch.ones(t.weight.shape[:-2])
         need = _min_tokens(t.weight.shape[-1], config)
         if t.fused_experts:
             accs = obs.experts[t.key]
@@ -245,7 +245,7 @@ def gptq_decoder_layer(layer: nn.Module, hidden: list[Tensor], calls: LayerCalls
         obs.experts.clear()
         lap("collect")
         _run_gptq(mats, fmt, config)
-        swaps = _assemble(targets, mats, handler, results, structure)
+        swaps = _assemble(targets, mats, fmt, handler, results, structure)
         lap("gptq")
         with swapped_weights(swaps):
             outputs = [run_layer(layer, x, calls, b) for b, x in enumerate(hidden)]
@@ -260,7 +260,7 @@ def _sync(hidden: list[Tensor]) -> None:
         torch.cuda.synchronize(hidden[0].device)
 
 
-def _assemble(targets: list[QuantTarget], mats: list[_Matrix], handler: FormatHandler,
+def _assemble(targets: list[QuantTarget], mats: list[_Matrix], fmt: GPTQFormat, handler: FormatHandler,
               results: dict[str, TargetResult], structure: ModelStructure) -> dict:
     """Each target's GPTQ row tensors (round-to-nearest experts keep theirs), and the dequantized
     weights to run the layer with."""
@@ -276,13 +276,14 @@ def _assemble(targets: list[QuantTarget], mats: list[_Matrix], handler: FormatHa
         res = results[t.key]
         got = by_key.get(t.key, [])
         if got:
+            packed = [fmt.pack(m.rows) for m in got]
             if t.fused_experts:
-                rows = {k: rtn[k].clone() for k in got[0].rows}
-                for m in got:
-                    for k, v in m.rows.items():
+                rows = {k: rtn[k].clone() for k in packed[0]}
+                for m, p in zip(got, packed, strict=True):
+                    for k, v in p.items():
                         rows[k][m.expert] = v
             else:
-                rows = got[0].rows
+                rows = packed[0]
             res.rows = rows
             chosen = handler.quantize(t.weight, {**t.scales, **rows})
             idx = [m.expert for m in got] if t.fused_experts else None

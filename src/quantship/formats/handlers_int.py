@@ -75,6 +75,8 @@ class Int4AWQHandler:
 
     def quantize(self, weight: Tensor, scales: dict[str, Tensor], block_amax: Tensor | None = None
                  ) -> dict[str, Tensor]:
+        if "weight" in scales:  # chosen by a weight algorithm (GPTQ): returned as they are
+            return with_pre_quant_scale({"weight": scales["weight"], "weight_scale": scales["weight_scale"]}, scales)
         return with_pre_quant_scale(self._int4(weight, block_amax), scales)
 
     def dequantize(self, tensors: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
