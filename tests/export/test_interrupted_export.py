@@ -21,15 +21,18 @@ import collections
 import json
 import os
 import random
+import select
 import shutil
 import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
 
 import pytest
 import torch
+import tqdm
 from safetensors.torch import load_file
 
 import quantship.export.shards as shards
@@ -40,6 +43,7 @@ from tiny_models import build_tiny_model
 
 MAX_SHARD_BYTES = 4096
 STEP_SLEEP_S = 0.002
+CHILD_TIMEOUT_S = 60
 PHASES = ("before temp dir", "writing shards", "finalizing", "swapping in", "removing previous", "finished")
 # The last step a child reported -> the phase it was killed in.
 STEP_PHASE = {
@@ -89,8 +93,22 @@ def _snapshot(path: Path) -> dict[str, object]:
     return out
 
 
+def _private_tqdm_lock() -> None:
+    """In the child only. tqdm guards its bars (disabled ones too) with a multiprocessing
+    semaphore that a forked child shares with its parent: a child killed while holding it would
+    leave the parent's next progress bar waiting forever."""
+    lock = threading.RLock()
+    classes = [tqdm.std.tqdm]
+    while classes:
+        cls = classes.pop()
+        classes += cls.__subclasses__()
+        if cls is tqdm.std.tqdm or "_lock" in vars(cls):
+            cls._lock = lock
+
+
 def _instrument(w_fd: int, two_step: bool, die_at: int | None) -> None:
     """In the child only: report each export step on the pipe, then sleep (or die there)."""
+    _private_tqdm_lock()
     count = [0]
 
     def step(name: str) -> None:
@@ -155,7 +173,14 @@ def _fork_export(qm, target: Path, overwrite: bool, two_step: bool, die_at: int 
 
 def _collect(pid: int, r: int, t0: float, data: bytes = b"") -> tuple[int, list[tuple[str, float]]]:
     """Wait for the child; (wait status, its steps with times relative to the fork)."""
-    _, status = os.waitpid(pid, 0)
+    deadline = time.monotonic() + CHILD_TIMEOUT_S
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+        if time.monotonic() > deadline:  # a fork of a threaded process can deadlock: fail, not hang
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError(f"export child {pid} hung for {CHILD_TIMEOUT_S} s")
+        time.sleep(0.005)
+    status = done[1]
     while chunk := os.read(r, 65536):
         data += chunk
     os.close(r)
@@ -209,8 +234,10 @@ def _uninterrupted_steps(models, references, tmp_path) -> dict[int, list[tuple[s
 
 def _wait_for_steps(r: int, n: int) -> bytes:
     """Block until the child has reported `n` steps (or died); returns what was read."""
-    data = b""
-    while data.count(b"\n") < n and (chunk := os.read(r, 65536)):
+    data, deadline = b"", time.monotonic() + CHILD_TIMEOUT_S
+    while data.count(b"\n") < n and select.select([r], [], [], max(0.0, deadline - time.monotonic()))[0]:
+        if not (chunk := os.read(r, 65536)):
+            break
         data += chunk
     return data
 
