@@ -185,7 +185,8 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, quantizer: ColumnQuantizer, c
     return q
 
 
-def objective(weight: Tensor, quantized: Tensor, hessian: Tensor) -> Tensor:
-    """tr((W-Q) H (W-Q)ᵀ) per batch entry, in float64: the output error GPTQ minimizes."""
-    d = (weight.double() - quantized.double())
-    return torch.einsum("bri,bij,brj->b", d, hessian.double(), d)
+def objective(weight: Tensor, quantized: Tensor, hessian: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+    """tr((W-Q) H (W-Q)ᵀ) per batch entry: the output error GPTQ minimizes (float64 by default;
+    the report's GPTQ / RTN ratio takes float32, a quarter of the time on CPUs)."""
+    d = weight.to(dtype) - quantized.to(dtype)
+    return ((d @ hessian.to(dtype)) * d).sum(dim=(1, 2))

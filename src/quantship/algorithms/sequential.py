@@ -293,8 +293,8 @@ def _assemble(targets: list[QuantTarget], mats: list[_Matrix], fmt: GPTQFormat, 
 
             hs = torch.stack([m.hessian for m in got])
             w = sel(t.weight)
-            err_gptq = objective(w, sel(handler.dequantize(chosen, torch.float32)), hs).sum()
-            err_rtn = objective(w, sel(handler.dequantize(rtn, torch.float32)), hs).sum()
+            err_gptq = objective(w, sel(handler.dequantize(chosen, torch.float32)), hs, torch.float32).sum()
+            err_rtn = objective(w, sel(handler.dequantize(rtn, torch.float32)), hs, torch.float32).sum()
             res.error_ratio = float(err_gptq / err_rtn.clamp_min(1e-30))
         param = t.key if t.fused_experts else f"{t.key}.weight"
         swaps[param] = (params[param], handler.dequantize(chosen, t.weight.dtype))
