@@ -243,6 +243,18 @@ def _swap_in(tmp: Path, target: Path) -> None:
             os.close(old_lock)
 
 
+def swap_into_place(finished: Path, target: Path) -> None:
+    """Move the finished export folder `finished` to `target`, replacing a previous export there.
+
+    Kill-safe, as `atomic_export_dir`'s own swap (the same code): one atomic exchange where the
+    filesystem allows, else two renames with the previous export moved aside under a locked
+    `.quantship-tmp-old-...` name that `clean_stale_temps` (run by `check_target`) puts back if
+    the process dies between them. `finished` must be on the target's filesystem; the caller
+    decides whether replacing is allowed.
+    """
+    _swap_in(Path(finished), Path(target))
+
+
 @contextlib.contextmanager
 def atomic_export_dir(target: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temp dir beside `target`; on success swap it into place, on failure delete it.

@@ -157,16 +157,14 @@ class WorkDir:
 
 
 def publish(staging: Path, target: Path, overwrite: bool) -> None:
-    """Move the finished export into place, replacing an existing one only with overwrite."""
-    from quantship.errors import QuantshipError
+    """Move the finished export into place, replacing an existing one only with overwrite.
 
-    if target.exists():
-        if not overwrite:
-            raise QuantshipError(f"export path {target} appeared during the export; rerun with --overwrite")
-        old = target.with_name(f"{WORKDIR_PREFIX}old-{target.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(staging, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, target)
+    The swap is `export.shards.swap_into_place`: a kill during it never loses the previous
+    export (the next run's `check_target` puts a moved-aside one back).
+    """
+    from quantship.errors import QuantshipError
+    from quantship.export.shards import swap_into_place
+
+    if target.exists() and not overwrite:
+        raise QuantshipError(f"export path {target} appeared during the export; rerun with --overwrite")
+    swap_into_place(staging, target)
