@@ -30,6 +30,7 @@ import copy
 import datetime
 import json
 import math
+import os
 import sys
 import time
 import traceback
@@ -197,7 +198,8 @@ def llmcompressor_row(args, model_dir: Path, fmt: str, size: int, batches: list,
     start = time.time()
     # -P: keep bench/ off sys.path there too (bench/kernels.py shadows the `kernels` package)
     proc = subprocess.run([args.llmcompressor_python, "-P", str(ROOT / "bench" / "llmcompressor_run.py"), str(model_dir),
-                           str(calib_file), fmt, str(out)], capture_output=True, text=True)
+                           str(calib_file), fmt, str(out)], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
     if proc.returncode:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
         return {"llmcompressor_error": tail[0][:300]}
@@ -304,6 +306,9 @@ def moe_bench(args, model_dir: Path, calib: dict[int, list], evals: list, work: 
         amax = {name: {k: v for k, v in input_amax(qm).items() if k in keys} for name, qm in policies.items()}
         amax["routed_only"] = {k: stats.routed_amax[k].float() for k in keys}
         amax["modelopt_shared_max"] = {k: v.max().expand_as(v) for k, v in amax["routed_only"].items()}
+        for t in args.moe_thresholds:  # other --moe-min-tokens values: amax only, no perplexity
+            alt = plan_for(model, structure, MOE_FORMAT, stats, t)
+            amax[f"min_tokens_{t}"] = {k: v for k, v in input_amax(alt).items() if k in keys}
         entry = {"calib_size": size, "tokens_per_expert": {b.name: stats.coverage[b.name].tokens.int().tolist()
                                                            for b in structure.moe_blocks},
                  "experts_without_tokens": int(sum(int((stats.coverage[b.name].tokens == 0).sum())
@@ -365,6 +370,7 @@ def main() -> None:
                    help="also quantize normally at the small size and assert the shortcuts give equal scales")
     p.add_argument("--moe-modelopt-small-only", action="store_true",
                    help="run Model Optimizer on the MoE at the small calibration size only")
+    p.add_argument("--moe-thresholds", default="", help="extra --moe-min-tokens values to score (amax only)")
     p.add_argument("--skip-dense", action="store_true")
     p.add_argument("--skip-moe", action="store_true")
     p.add_argument("--skip-modelopt", action="store_true")
@@ -374,6 +380,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / f"{datetime.date.today()}-cpu-accuracy.json")
     args = p.parse_args()
     args.formats = args.formats.split(",")
+    args.moe_thresholds = [int(t) for t in args.moe_thresholds.split(",") if t]
     sizes = args.sizes = sorted(int(s) for s in args.calib_sizes.split(","))
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

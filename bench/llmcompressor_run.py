@@ -10,6 +10,7 @@ compressed-tensors presets NVFP4 / FP8 with lm_head and MoE routers ignored.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -24,6 +25,7 @@ SCHEMES = {"nvfp4": ("NVFP4", []), "nvfp4_mlp_only": ("NVFP4", ["re:.*self_attn.
 
 
 def main(model_dir: str, calib: str, scheme: str, out: str) -> None:
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     preset, extra_ignore = SCHEMES[scheme]
     windows = [row for batch in torch.load(calib) for row in batch.tolist()]
     ds = Dataset.from_dict({"input_ids": windows, "attention_mask": [[1] * len(w) for w in windows]})
