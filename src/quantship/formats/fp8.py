@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from quantship.formats.exact import div_const
 from quantship.formats.kernels import use_kernels
 
 FP8_MAX = 448.0
@@ -39,7 +40,7 @@ def scale_from_amax(amax: Tensor) -> Tensor:
     amax = torch.where(amax == 0, torch.ones_like(amax), amax)
     # Floored at the smallest normal float32: a subnormal amax (fp32 tensors under ~5e-36) would
     # give a zero scale (0/0 = NaN) or one of a few bits that the tensor's own amax overflows.
-    return (amax / FP8_MAX).clamp_min(torch.finfo(torch.float32).smallest_normal)
+    return div_const(amax, FP8_MAX).clamp_min(torch.finfo(torch.float32).smallest_normal)
 
 
 def _as_scalar_scale(scale: Tensor, device: torch.device) -> Tensor:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from quantship.formats import fp8, nvfp4
+from quantship.formats.exact import div_const
 
 
 def _precomputed(scales: dict[str, Tensor], keys: tuple[str, ...], per_tensor: frozenset[str]) -> dict[str, Tensor]:
@@ -81,7 +82,7 @@ class FP8Handler:
     def scales(self, weight_amax: Tensor, input_amax: Tensor) -> dict[str, Tensor]:
         return {
             "weight_scale": fp8.scale_from_amax(weight_amax),
-            "input_scale": torch.as_tensor(input_amax).float() / fp8.FP8_MAX,
+            "input_scale": div_const(input_amax, fp8.FP8_MAX),
         }
 
     def quantize(self, weight: Tensor, scales: dict[str, Tensor]) -> dict[str, Tensor]:

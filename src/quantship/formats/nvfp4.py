@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from quantship.formats.exact import div_const
 from quantship.formats.kernels import use_kernels
 
 E2M1_MAX = 6.0
@@ -121,14 +122,14 @@ def global_scale_from_amax(amax: Tensor) -> Tensor:
     # A subnormal amax (fp32 weights under ~3e-35) would give a zero or few-bit scale_2: zero
     # scales, 0/0 block scales. Floored at the smallest normal float32, such a tensor
     # quantizes to its nearest codes under that scale, never to NaN.
-    return (amax / (E2M1_MAX * E4M3_MAX)).clamp_min(torch.finfo(torch.float32).smallest_normal)
+    return div_const(amax, E2M1_MAX * E4M3_MAX).clamp_min(torch.finfo(torch.float32).smallest_normal)
 
 
 def input_scale_from_amax(amax: Tensor) -> Tensor:
     """Static activation scale ``amax / (6 * 448)`` (float32); the per-tensor level under which
     the serving engine computes dynamic per-block e4m3 scales. No zero fix-up here: a zero input
     amax means calibration saw nothing, which ``verify`` must flag rather than hide."""
-    return torch.as_tensor(amax).float() / (E2M1_MAX * E4M3_MAX)
+    return div_const(amax, E2M1_MAX * E4M3_MAX)
 
 
 def _check_last_dim(x: Tensor, what: str) -> None:

@@ -23,6 +23,19 @@ E4M3_MIN_SCALE: tl.constexpr = tl.constexpr(2.0**-9)
 
 
 @triton.jit
+def div_rn(a, b):
+    """IEEE ``a / b``, operands broadcast first (``tl.div_rn`` does not broadcast)."""
+    a, b = tl.broadcast(a, b)
+    return tl.div_rn(a, b)
+
+
+@triton.jit
+def reciprocal(d):
+    """``RN(1 / d)`` elementwise."""
+    return tl.div_rn(tl.full(d.shape, 1.0, tl.float32), d)
+
+
+@triton.jit
 def e2m1_codes(q):
     """E2M1 codes (uint8 0..15) of values already divided by their scale.
 
@@ -41,6 +54,60 @@ def e2m1_codes(q):
         + (a > 5.0).to(tl.uint8)
     )
     return idx | tl.where(q < 0, 8, 0).to(tl.uint8)
+
+
+@triton.jit
+def e2m1_round(q):
+    """|E2M1 value| of ``q`` (float32) without comparisons against every bound: adding and
+    subtracting ``c = step * 2**23`` rounds to a multiple of ``step`` with ties to an even
+    multiple, which is the even code on each of the three grids (0.5 below 2, 1 below 4, 2
+    above); 6 saturates. ``(a + c) - c`` stays as written: Triton does not reassociate."""
+    a = tl.abs(q)
+    c = tl.where(a < 2.0, 4194304.0, tl.where(a < 4.0, 8388608.0, 16777216.0))
+    return tl.minimum((a + c) - c, 6.0)
+
+
+@triton.jit
+def e2m1_codes_fma(q):
+    """Same codes as :func:`e2m1_codes` (int32), with three FMAs and three minimums, no compare.
+
+    ``2**23 + o + |q| * m`` rounds ``|q| * m`` to an integer (ties to even: ``o`` is even) and
+    adds ``o``, the integer sitting in the low mantissa bits. With ``(m, o)`` = (2, 0), (1, 2),
+    (1/2, 4) that integer is the code wherever its grid applies (below 2, below 4, above) and
+    larger elsewhere, since ``2a <= a + 2`` exactly when ``a <= 2`` and ``a + 2 <= a/2 + 4``
+    exactly when ``a <= 4``; so the code is the minimum of the three, saturated at 7 (inf and
+    NaN included). ``|q| * m`` is exact, so fused or not, each sum is rounded once."""
+    a = tl.abs(q)
+    t = tl.minimum(tl.minimum(a * 2.0 + 8388608.0, a + 8388610.0), tl.minimum(a * 0.5 + 8388612.0, 8388615.0))
+    mag = t.to(tl.int32, bitcast=True) - 0x4B000000
+    return tl.where(q < 0, mag + 8, mag)
+
+
+@triton.jit
+def e2m1_decode(codes):
+    """float32 value of int32 codes by building the bits: 1.0 .. 6.0 are ``(m + 252) << 22``
+    for magnitudes m >= 2, 0.5 and 0 are constants, bit 3 of the code is the sign bit (code 8
+    is -0.0 like the reference table)."""
+    m = codes & 7
+    bits = tl.where(m >= 2, (m + 252) << 22, tl.where(m == 1, 0x3F000000, 0))
+    return (bits | ((codes & 8) << 28)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def quotient(x, d, r, DIV: tl.constexpr, SIGNED_ZERO: tl.constexpr = False):
+    """``RN(x / d)``. DIV=0: IEEE division. DIV=1: ``q0 = x * r`` with ``r = RN(1/d)``, then
+    one FMA residual step ``q0 + (x - q0*d) * r`` (Markstein), correctly rounded for normal
+    results (zeros keep their sign); the GPU tests check it against the reference, all bf16
+    values included."""
+    x, d = tl.broadcast(x, d)
+    if DIV == 0:
+        return tl.div_rn(x, d)
+    else:
+        x, r = tl.broadcast(x, r)
+        q0 = x * r
+        q1 = tl.fma(tl.fma(q0, -d, x), r, q0)
+        # -0.0 / d is -0.0, the FMAs give +0.0: only FP8 stores the sign of a zero.
+        return tl.where(q0 == 0.0, q0, q1) if SIGNED_ZERO else q1
 
 
 @triton.jit
@@ -63,7 +130,7 @@ def e2m1_values(codes):
 def e4m3_block_scale(block_amax, scale):
     """``e4m3(clamp(block_amax / (6 * scale), 2**-9, 448))`` with zero blocks at 1.0, as
     float8e4nv; ``scale`` broadcasts against ``block_amax``."""
-    s = tl.div_rn(block_amax, scale * E2M1_MAX)
+    s = div_rn(block_amax, scale * E2M1_MAX)
     s = tl.where(s == 0.0, 1.0, s)
     s = tl.minimum(tl.maximum(s, E4M3_MIN_SCALE), E4M3_MAX)
     return s.to(tl.float8e4nv)
@@ -85,11 +152,11 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def tile_for(n_cols: int, elems: int = 4096, max_cols: int = 256) -> tuple[int, int]:
-    """(rows, cols) of a 2-D tile of about ``elems`` elements: as wide as the row allows (up to
-    ``max_cols``, a power of two multiple of 16) so loads are long contiguous runs."""
+def tile_for(n_cols: int, max_cols: int = 256, rows: int = 16) -> tuple[int, int]:
+    """(rows, cols) of a 2-D tile: as wide as the row allows (up to ``max_cols``, a power of two
+    multiple of 16) so loads are long contiguous runs; narrow rows get more of them."""
     cols = min(max_cols, max(16, next_pow2(n_cols)))
-    return max(1, elems // cols), cols
+    return max(rows, (rows * 256) // cols), cols
 
 
 def launch_device(t: torch.Tensor):
