@@ -22,6 +22,15 @@ from quantship.model.checkpoint_names import CheckpointSlice
 PRODUCER = {"name": "quantship", "version": __version__}
 
 
+def _row_span(rows: torch.Tensor) -> tuple[int, int] | None:
+    """(start, stop) when ``rows`` is ``start, start+1, ..., stop-1``, else None."""
+    n = rows.numel()
+    if n == 0:
+        return None
+    start = int(rows[0])
+    return (start, start + n) if torch.equal(rows.cpu(), torch.arange(start, start + n, dtype=rows.dtype)) else None
+
+
 def split_module_tensors(
     tensors: dict[str, torch.Tensor], slices: list[CheckpointSlice], handler: FormatHandler
 ) -> Iterator[tuple[str, torch.Tensor]]:
@@ -32,12 +41,17 @@ def split_module_tensors(
     """
     select = getattr(handler, "select_rows", None)  # optional hook: packed rows, tiles, per-input vectors
     for sl in slices:
+        span = _row_span(sl.rows)
         for suffix, value in tensors.items():
             if sl.expert is not None:
                 value = value[sl.expert]
             if suffix not in handler.per_tensor:
-                value = (select(suffix, value, sl.rows) if select is not None
-                         else value.index_select(0, sl.rows.to(value.device)))
+                if select is not None:
+                    value = select(suffix, value, sl.rows)
+                elif span is not None:  # a view; the shard writer copies it once anyway
+                    value = value[span[0] : span[1]]
+                else:
+                    value = value.index_select(0, sl.rows.to(value.device))
             yield f"{sl.module}.{suffix}", value.reshape(()) if suffix in handler.per_tensor else value
 
 

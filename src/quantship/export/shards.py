@@ -76,8 +76,11 @@ class ShardWriter:
         size = tensor.numel() * tensor.element_size()
         if self._pending and self._pending_bytes + size > self.max_shard_bytes:
             self._flush()
-        # Own contiguous CPU storage: safetensors cannot save views sharing memory.
-        self._pending[name] = tensor.detach().to("cpu").contiguous().clone()
+        # Own contiguous CPU storage: safetensors cannot save views sharing memory. A tensor
+        # copied here from another device already owns fresh storage: no second copy.
+        copied = tensor.device.type != "cpu"
+        tensor = tensor.detach().to("cpu").contiguous()
+        self._pending[name] = tensor if copied else tensor.clone()
         self._pending_bytes += size
         self.total_bytes += size
 
