@@ -65,7 +65,7 @@ def moe_tables(r: dict) -> list[str]:
                      f"routed token, {entry['experts_under_min_tokens']} fewer than 32.")
     lines += ["", f"Per-expert input amax against the routed-token amax at {ref} windows, |log2 ratio| over every "
                   "(layer, expert, gate_up / down input) covered at the reference:", "",
-              "| policy | calib windows | median | p95 | median gate_up / down | median signed | experts without amax |"
+              "| policy | calib windows | median | p95 | median gate_up / down | median signed | inputs without amax |"
               " perplexity ratio to MoE BF16 |", "|---|---|---|---|---|---|---|---|"]
     ppl_key = {"ours_default": "ours_default", "all_experts": "all_experts", "modelopt_export": "modelopt"}
     for size, policies in m["amax_log2_error"].items():
