@@ -101,6 +101,7 @@ def run_accuracy(args: argparse.Namespace) -> None:
         if algorithm == "gptq":
             t = time.perf_counter()
             report = apply_gptq(model, qm.structure, qm.plan, calib, GPTQConfig(**options), progress=True)
+            entry["config"] = report["options"]
             entry["gptq_seconds"] = time.perf_counter() - t
             layers = report["seconds_per_layer"].values()
             entry["mean_seconds_per_layer"] = {k: sum(x[k] for x in layers) / len(layers)

@@ -87,7 +87,7 @@ def _run(w, h, fmt: str, config: GPTQConfig):
     scale = {"nvfp4": nvfp4.global_scale_from_amax(amax), "fp8": fp8.scale_from_amax(amax)}.get(fmt, torch.ones(()))
     cols = GPTQ_FORMATS[fmt].columns(w[None], scale[None], config.nvfp4_scales)
     q = gptq_quantize(w[None], h[None], cols, config)[0]
-    rows = GPTQ_FORMATS[fmt].pack({k: v[0] for k, v in cols.row_tensors().items()})
+    rows = GPTQ_FORMATS[fmt].pack({k: v[0] for k, v in cols.row_tensors(q[None]).items()})
     return q, rows, scale
 
 
@@ -197,3 +197,21 @@ def test_bad_options_are_one_line_errors():
         GPTQConfig(nvfp4_scales="dynamic", act_order=True)
     with pytest.raises(QuantshipError, match="multiple of 16"):
         GPTQConfig(block_size=24)
+
+
+def test_fast_e2m1_rounding_equals_the_format_reference():
+    """The column loop's rounder against round_to_e2m1_codes + e2m1_values: every bound (ties),
+    its float32 neighbours, zeros of both signs, saturation and inf; sign bits included."""
+    from quantship.algorithms.gptq_formats import _codes_of, _E2M1Rounder
+
+    bounds = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, 7.0, 1e30, float("inf")])
+    near = torch.cat([bounds, torch.nextafter(bounds, torch.zeros(())), torch.nextafter(bounds, bounds * 2)])
+    grid = torch.cat([near, torch.linspace(0, 8, 4001), torch.tensor([0.0, 1e-30])])
+    x = torch.cat([grid, -grid])
+    want = nvfp4.e2m1_values(nvfp4.round_to_e2m1_codes(x))
+    got = _E2M1Rounder(x.device)(x)
+    # The one difference: an input of exactly -0.0 keeps its sign here (code 8, value -0).
+    same = ~((x == 0) & torch.signbit(x))
+    assert torch.equal(got, want) and torch.equal(torch.signbit(got)[same], torch.signbit(want)[same])
+    finite = torch.isfinite(x) & (x != 0)  # -0.0 itself has code 0 in the reference, 8 here
+    assert torch.equal(_codes_of(got * 0.37 / 0.37)[finite], nvfp4.round_to_e2m1_codes(x)[finite])

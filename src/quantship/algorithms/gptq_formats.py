@@ -36,10 +36,31 @@ NVFP4_SCALE_MODES = ("static", "dynamic", "static_mse", "mse")
 DYNAMIC_MODES = ("dynamic", "mse")
 
 
-def _unpermute(x: Tensor, perm: Tensor | None) -> Tensor:
-    if perm is None:
-        return x
-    return x.gather(2, torch.argsort(perm, dim=-1)[:, None, :].expand_as(x))
+class _E2M1Rounder:
+    """Nearest E2M1 value, ties to the even code, saturating at 6 — `round_to_e2m1_codes` then
+    `e2m1_values` — in arithmetic ops only (on CPUs a compare, where or searchsorted costs
+    20-100x an add; the column loop runs once per column). The grid is 0.5 apart below 2 and 1
+    apart below 4, so torch.round (half to even) of 2|x| resp. |x| lands on the even code at each
+    tie; above 4 only 4 and 6 remain, and round((|x| - 4) / 2) sends 5 to 4. The three clamped
+    pieces add up to the magnitude; tests/algorithms check equality at every tie and bound."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __call__(self, x: Tensor) -> Tensor:
+        m = x.abs()
+        low = (m.clamp(max=2.0) * 2.0).round_() * 0.5  # 0 .. 2 in steps of 0.5
+        mid = m.clamp(2.0, 4.0).round_() - 2.0  # + 0 .. 2 in steps of 1
+        top = ((m - 4.0) * 0.5).clamp_(0.0, 1.0).round_() * 2.0  # + 0 or 2
+        # x.sign() keeps a negative value that rounds to zero at -0.0 (code 8), as the format does.
+        return (low + mid + top) * x.sign()
+
+
+def _codes_of(values: Tensor) -> Tensor:
+    """E2M1 codes of values already on the grid (value / step, within float32 rounding of a grid
+    point, far from any rounding bound); the sign bit from the sign of the value, -0 included."""
+    codes = nvfp4.round_to_e2m1_codes(values.abs())
+    return codes | (torch.signbit(values).to(torch.uint8) << 3)
 
 
 def _block_scales(values: Tensor, s2: Tensor, mse: bool) -> Tensor:
@@ -60,28 +81,31 @@ def _block_scales(values: Tensor, s2: Tensor, mse: bool) -> Tensor:
 
 
 class NVFP4Columns:
-    """E2M1 codes column by column under a fixed `scale_2` [B] per matrix."""
+    """E2M1 values column by column under a fixed `scale_2` [B] per matrix; codes are read back
+    from GPTQ's final values (`row_tensors`), exactly the ones the loop chose."""
 
     def __init__(self, weight: Tensor, scale_2: Tensor, mode: str):
         n_batch, rows, cols = weight.shape
         self.s2 = torch.as_tensor(scale_2, device=weight.device).float().reshape(-1).expand(n_batch).contiguous()
         self.dynamic = mode in DYNAMIC_MODES
         self.mse = mode.endswith("mse")
-        self.codes = torch.zeros(n_batch, rows, cols, dtype=torch.uint8, device=weight.device)
-        self.perm: Tensor | None = None
+        self.round = _E2M1Rounder(weight.device)
         if self.dynamic:
             self.block_scale = torch.zeros(n_batch, rows, cols // BLOCK, dtype=torch.uint8, device=weight.device)
             self._step: Tensor | None = None
         else:
             scale = _block_scales(weight, self.s2, self.mse)  # from the original weight
             self.block_scale = scale.view(torch.uint8)
-            # Per column: the float32 step block_scale * scale_2 (one rounding, as _encode forms it).
-            self._steps = (scale.float() * self.s2[:, None, None]).repeat_interleave(BLOCK, dim=-1)
+            self._steps = self._column_steps()
+
+    def _column_steps(self) -> Tensor:
+        # Per column: the float32 step block_scale * scale_2 (one rounding, as _encode forms it).
+        scale = self.block_scale.view(torch.float8_e4m3fn).float()
+        return (scale * self.s2[:, None, None]).repeat_interleave(BLOCK, dim=-1)
 
     def set_order(self, perm: Tensor) -> None:
         if self.dynamic:
             raise ValueError("dynamic NVFP4 block scales need columns in their original order")
-        self.perm = perm
         self._steps = self._steps.gather(2, perm[:, None, :].expand_as(self._steps))
 
     def column(self, j: int, block: Tensor, i: int) -> Tensor:
@@ -93,36 +117,33 @@ class NVFP4Columns:
             step = self._step
         else:
             step = self._steps[:, :, j]
-        codes = nvfp4.round_to_e2m1_codes(block[:, :, i] / step)
-        self.codes[:, :, j] = codes
-        return nvfp4.e2m1_values(codes) * step
+        return self.round(block[:, :, i] / step) * step
 
-    def row_tensors(self) -> dict[str, Tensor]:
-        """{"codes": uint8 [B, rows, cols], "weight_scale": e4m3 [B, rows, cols/16]}, by row."""
-        return {"codes": _unpermute(self.codes, self.perm), "weight_scale": self.block_scale.view(torch.float8_e4m3fn)}
+    def row_tensors(self, q: Tensor) -> dict[str, Tensor]:
+        """{"codes": uint8 [B, rows, cols], "weight_scale": e4m3 [B, rows, cols/16]} for GPTQ's
+        final values `q` (original column order)."""
+        return {"codes": _codes_of(q / self._column_steps()), "weight_scale": self.block_scale.view(torch.float8_e4m3fn)}
 
 
 class FP8Columns:
-    """Per-tensor E4M3 codes column by column under the plan's scale [B] per matrix."""
+    """Per-tensor E4M3 values column by column under the plan's scale [B] per matrix."""
 
     def __init__(self, weight: Tensor, scale: Tensor):
-        n_batch, rows, cols = weight.shape
+        n_batch = weight.shape[0]
         self.scale = torch.as_tensor(scale, device=weight.device).float().reshape(-1).expand(n_batch)[:, None]
-        self.codes = torch.zeros(n_batch, rows, cols, dtype=torch.uint8, device=weight.device)  # e4m3 bytes
-        self.perm: Tensor | None = None
 
     def set_order(self, perm: Tensor) -> None:
-        self.perm = perm
+        pass  # one scale per matrix: any column order
 
     def column(self, j: int, block: Tensor, i: int) -> Tensor:
         # Division in float32 then one rounding to e4m3 (no detour through the weight's dtype:
         # GPTQ's values are float32 and the codes are ours to choose).
         q = (block[:, :, i] / self.scale).clamp(-fp8.FP8_MAX, fp8.FP8_MAX).to(torch.float8_e4m3fn)
-        self.codes[:, :, j] = q.view(torch.uint8)
         return q.float() * self.scale
 
-    def row_tensors(self) -> dict[str, Tensor]:
-        return {"codes": _unpermute(self.codes, self.perm).view(torch.float8_e4m3fn)}
+    def row_tensors(self, q: Tensor) -> dict[str, Tensor]:
+        # q / scale is an e4m3 value up to float32 rounding, which the cast undoes exactly.
+        return {"codes": (q / self.scale[:, :, None]).to(torch.float8_e4m3fn)}
 
 
 class Int4Columns:
@@ -132,22 +153,17 @@ class Int4Columns:
 
     def __init__(self, weight: Tensor, group: int):
         self.scale = int4.scale_from_amax(int4.group_amax(weight, group))  # [B, rows, cols/group]
-        self._steps = self.scale.repeat_interleave(group, dim=-1)
-        self.codes = torch.zeros(weight.shape, dtype=torch.int8, device=weight.device)
-        self.perm: Tensor | None = None
+        self._orig_steps = self._steps = self.scale.repeat_interleave(group, dim=-1)
 
     def set_order(self, perm: Tensor) -> None:
-        self.perm = perm
         self._steps = self._steps.gather(2, perm[:, None, :].expand_as(self._steps))
 
     def column(self, j: int, block: Tensor, i: int) -> Tensor:
         step = self._steps[:, :, j]
-        q = (block[:, :, i] / step).round().clamp(int4.INT4_MIN_CODE, int4.INT4_MAX_CODE)
-        self.codes[:, :, j] = q.to(torch.int8)
-        return q * step
+        return (block[:, :, i] / step).round().clamp(int4.INT4_MIN_CODE, int4.INT4_MAX_CODE) * step
 
-    def row_tensors(self) -> dict[str, Tensor]:
-        return {"codes": _unpermute(self.codes, self.perm), "weight_scale": self.scale}
+    def row_tensors(self, q: Tensor) -> dict[str, Tensor]:
+        return {"codes": (q / self._orig_steps).round().to(torch.int8), "weight_scale": self.scale}
 
 
 @dataclass(frozen=True)

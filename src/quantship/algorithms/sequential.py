@@ -196,7 +196,7 @@ def _run_gptq(mats: list[_Matrix], fmt: GPTQFormat, config: GPTQConfig) -> None:
             h = torch.stack([g[0].hessian for g in chunk])
             quantizer = fmt.columns(w, torch.stack([g[0].scale.float() for g in chunk]), config.nvfp4_scales)
             q = gptq_quantize(w, h, quantizer, config)
-            row_tensors = quantizer.row_tensors()
+            row_tensors = quantizer.row_tensors(q)
             for b, g in enumerate(chunk):
                 start = 0
                 for m in g:
