@@ -24,16 +24,20 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+# bench/ holds scripts named like packages transformers imports (bench/kernels.py shadows HF's
+# `kernels`): keep this folder off the import path, as bench/scale.py does.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from quantship.calibration.data import build_calibration_batches, load_documents, split_documents
-from quantship.default_model import default_model_dir
-from quantship.evaluate import eval_batches, perplexity
-from quantship.formats.handlers import FORMAT_HANDLERS
-from quantship.model.discover import discover
-from quantship.pipeline import quantize
-from quantship.recipes import get_recipe, with_weight_scale_search
-from quantship.source import load_source_model
+import torch  # noqa: E402
+
+from quantship.calibration.data import build_calibration_batches, load_documents, split_documents  # noqa: E402
+from quantship.default_model import default_model_dir  # noqa: E402
+from quantship.evaluate import eval_batches, perplexity  # noqa: E402
+from quantship.formats.handlers import FORMAT_HANDLERS  # noqa: E402
+from quantship.model.discover import discover  # noqa: E402
+from quantship.pipeline import quantize  # noqa: E402
+from quantship.recipes import get_recipe, with_weight_scale_search  # noqa: E402
+from quantship.source import load_source_model  # noqa: E402
 
 VARIANTS = (
     "nvfp4", "fp8",  # the baselines of the same table
