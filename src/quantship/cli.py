@@ -50,6 +50,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weight-scale-search", "--weight_scale_search", dest="weight_scale_search", default="max",
                    help="block formats: weight block scales from the block amax (max, default) or the "
                         "amax multiple with the smallest reconstruction error (mse)")
+    p.add_argument("--quantize-mtp", "--quantize_mtp", dest="quantize_mtp", action="store_true",
+                   help="also calibrate and quantize the source's MTP layer (DeepSeek-V3 num_nextn_predict_layers); "
+                        "by default it is kept in high precision and excluded")
     p.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=None,
                    help="calibrate and export one decoder layer at a time in bounded memory, resumable after a "
                         "kill, multi-GPU under torchrun (default: only when the model does not fit the GPU)")
@@ -120,7 +123,7 @@ def run_quantize(args: argparse.Namespace) -> int:
                                         args.batch_size, args.seed)
     qm = quantize(model, args.qformat, batches, kv_cache=args.kv_cache_qformat, exclude=args.exclude,
                   moe_min_tokens=args.moe_min_tokens, progress=args.progress, algorithm=args.algorithm,
-                  weight_scale_search=args.weight_scale_search)
+                  weight_scale_search=args.weight_scale_search, mtp_source=args.model if args.quantize_mtp else None)
     qm.export(export, overwrite=args.overwrite, source_dir=args.model, progress=args.progress,
               export_format=args.export_format)
     print(f"exported {args.qformat} checkpoint to {export} (report: {export / 'report.md'})")

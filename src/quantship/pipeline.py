@@ -33,6 +33,7 @@ from quantship.scales import QuantPlan, build_plan, excluded_modules
 
 if TYPE_CHECKING:
     from quantship.sources.extras import SourceExtras
+    from quantship.sources.mtp import MTPQuantizer
 
 DEFAULT_MOE_MIN_TOKENS = 32
 TOKENIZER_FILES = (
@@ -50,6 +51,7 @@ class QuantizedModel:
     structure: ModelStructure
     plan: QuantPlan
     stats: CalibrationStats
+    mtp: MTPQuantizer | None = None  # the source's MTP layer, quantized with the model (quantize(mtp_source=...))
 
     # ------------------------------------------------------------------ tensors
     def quantized_tensors(self, target_key: str) -> dict[str, torch.Tensor]:
@@ -94,17 +96,21 @@ class QuantizedModel:
 
         target = Path(path)
         extra = extra_tensors if extra_tensors is not None else find_extras(source_dir, self.model)
-        hf_config = self.hf_quant_config(extra.exclude_modules)
+        extra = extra if self.mtp is None else self.mtp.without_mtp(extra)
+        hf_config = self.hf_quant_config([*extra.exclude_modules, *(self.mtp.exclude_modules() if self.mtp else [])])
         quantization_config, _ = compressed_tensors.from_modelopt((), hf_config, export_format)
         with atomic_export_dir(target, overwrite) as tmp:
             writer = SectionShardWriter(tmp, max_shard_bytes, metadata={"producer": "quantship"})
-            for items in tqdm(itertools.chain(model_sections(self), extra.sections()), desc="export", unit="layer",
-                              disable=not progress, total=len(self.structure.decoder_layers) + 1 + extra.num_sections):
+            for items in tqdm(itertools.chain(model_sections(self), extra.sections(), self.mtp.sections() if self.mtp else ()), desc="export", unit="layer",
+                              disable=not progress,
+                              total=len(self.structure.decoder_layers) + 1 + extra.num_sections + (self.mtp is not None)):
                 writer.add_section(compressed_tensors.from_modelopt(items, hf_config, export_format)[1])
             writer.close()
             self._write_configs(tmp, hf_config, source_dir, tokenizer, quantization_config)
             report.write_reports(self, tmp)
             extra.write_report(tmp)
+            if self.mtp is not None:
+                self.mtp.write_report(tmp)
         extra.close()
         return target
 
@@ -189,11 +195,12 @@ def quantize(model: nn.Module, recipe: str | Recipe = "nvfp4",
              calib_data: Iterable[dict[str, torch.Tensor]] = (), kv_cache: str | None = "none",
              exclude: Iterable[str] = (), moe_min_tokens: int = DEFAULT_MOE_MIN_TOKENS,
              progress: bool = True, algorithm: str = "max", gptq_config=None,
-             weight_scale_search: str = "max") -> QuantizedModel:
+             weight_scale_search: str = "max", mtp_source: str | Path | None = None) -> QuantizedModel:
     """Calibrate `model` on `calib_data` (batches of input_ids) and plan every scale; with
     `algorithm="gptq"` the weights are then chosen by GPTQ layer by layer (`algorithms/`).
     AWQ / SmoothQuant recipes first smooth the model in place (`algorithms/smoothing.py`);
-    `weight_scale_search="mse"` searches block scales (`algorithms/mse_scale_search.py`)."""
+    `weight_scale_search="mse"` searches block scales (`algorithms/mse_scale_search.py`).
+    `mtp_source`: the model's folder, to quantize its MTP layer too (`sources/mtp.py`; max calibration)."""
     from quantship.algorithms import check_algorithm
     from quantship.algorithms.smoothing import smooth
 
@@ -209,7 +216,15 @@ def quantize(model: nn.Module, recipe: str | Recipe = "nvfp4",
     excluded = excluded_modules(structure, recipe, list(exclude))
     smoothing = smooth(model, structure, recipe, set(excluded), calib_data, progress)
     calibrator = Calibrator(model, structure, recipe, kv_format, moe_min_tokens, set(excluded))
-    stats = run_calibration(model, calibrator, calib_data, progress)
+    mtp = None
+    if mtp_source is not None:
+        from quantship.sources.mtp import MTPQuantizer
+
+        mtp = MTPQuantizer(mtp_source, model, recipe, kv_format, list(exclude), moe_min_tokens, _model_device(model))
+    with mtp.collecting(model) if mtp else contextlib.nullcontext():
+        stats = run_calibration(model, calibrator, calib_data, progress)
+    if mtp is not None:
+        mtp.calibrate(progress=progress)
     plan = build_plan(structure, recipe, kv_format, stats, excluded)
     if smoothing is not None:
         smoothing.attach_to_plan(plan)
@@ -217,4 +232,4 @@ def quantize(model: nn.Module, recipe: str | Recipe = "nvfp4",
         from quantship.algorithms.sequential import apply_gptq
 
         apply_gptq(model, structure, plan, calib_data, gptq_config, progress)
-    return QuantizedModel(model, structure, plan, stats)
+    return QuantizedModel(model, structure, plan, stats, mtp)

@@ -59,7 +59,8 @@ def run_streaming_quantize(args: argparse.Namespace, documents: list, export: Pa
                                         args.batch_size, args.seed)
     stream_quantize(args.model, args.qformat, batches, export, kv_cache=args.kv_cache_qformat, exclude=args.exclude,
                     moe_min_tokens=args.moe_min_tokens, trust_remote_code=args.trust_remote_code, device=device,
-                    export_format=args.export_format, overwrite=args.overwrite, progress=args.progress)
+                    export_format=args.export_format, overwrite=args.overwrite, progress=args.progress,
+                    quantize_mtp=getattr(args, "quantize_mtp", False))
     if ranks.is_main:
         print(f"exported {args.qformat} checkpoint to {export} layer by layer (report: {export / 'report.md'})")
     return 0

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from quantship.export.shards import save_tensors
 from quantship.streaming.distributed import Ranks
 
 WORKDIR_PREFIX = ".quantship-stream-"
@@ -58,6 +59,7 @@ class JournalState:
     writer: dict = field(default_factory=lambda: {"shards": [], "total_bytes": 0})
     pending: list[dict] = field(default_factory=list)  # [{"file", "names"}] in section order
     coverage: dict = field(default_factory=dict)  # block -> {"tokens": [...], "min_tokens": n}
+    mtp: dict = field(default_factory=dict)  # the quantized MTP layer's report once written (sources.mtp)
     targets: list = field(default_factory=list)  # [key, role, fused_experts, shape]
     tokens_seen: int = 0
 
@@ -131,7 +133,7 @@ class WorkDir:
     def save_pending(self, section_index: int, tensors: dict[str, torch.Tensor]) -> dict:
         (self.root / "pending").mkdir(exist_ok=True)
         rel = f"pending/{section_index:05d}.safetensors"
-        save_file(tensors, str(self.root / rel))
+        save_tensors(tensors, self.root / rel, {"format": "pt"})  # the writer's views of shared chunks too
         return {"file": rel, "names": list(tensors)}
 
     def load_pending(self, entries: list[dict], outside: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

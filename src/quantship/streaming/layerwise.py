@@ -38,6 +38,7 @@ from quantship.pipeline import DEFAULT_MOE_MIN_TOKENS, QuantizedModel
 from quantship.recipes import KVCacheFormat, Recipe, get_kv_cache_format, get_recipe
 from quantship.scales import QuantPlan, QuantTarget, build_plan, excluded_modules
 from quantship.sources.extras import find_extras
+from quantship.sources.mtp import MTPQuantizer
 from quantship.streaming.distributed import Ranks
 from quantship.streaming.journal import WorkDir, batches_digest, digest, publish
 from quantship.streaming.skeleton import build_skeleton, capture_layer_calls, check_finite, free
@@ -83,7 +84,7 @@ class LayerwiseRun:
     def __init__(self, model_dir: Path, recipe: Recipe, kv_format: KVCacheFormat, batches: list[dict],
                  target: Path, *, exclude: list[str], moe_min_tokens: int, trust_remote_code: bool,
                  device: torch.device, export_format: str, overwrite: bool, max_shard_bytes: int,
-                 progress: bool, dtype: torch.dtype, activation_budget: int | None):
+                 progress: bool, dtype: torch.dtype, activation_budget: int | None, quantize_mtp: bool = False):
         self.ranks = Ranks.current()
         self.model_dir, self.recipe, self.kv_format, self.batches = model_dir, recipe, kv_format, batches
         self.target, self.device, self.export_format, self.overwrite = target, device, export_format, overwrite
@@ -99,14 +100,19 @@ class LayerwiseRun:
         self.source.prepare(self.model, self.layer_names, dtype)
         self.handler = FORMAT_HANDLERS[recipe.weight_format]
         self.extra = find_extras(model_dir, self.model)  # tensors the model class ignores (MTP layers)
-        self.hf_config = self._final_model([], {}).hf_quant_config(self.extra.exclude_modules)
+        self.mtp = MTPQuantizer(model_dir, self.model, recipe, kv_format, exclude, moe_min_tokens, device) \
+            if quantize_mtp else None  # quantized after the layers from the last one's outputs (mtp_section)
+        if self.mtp is not None:
+            self.extra = self.mtp.without_mtp(self.extra)
+        self.hf_config = self._final_model([], {}).hf_quant_config(
+            [*self.extra.exclude_modules, *(self.mtp.exclude_modules() if self.mtp else [])])
         self.quantization_config, _ = compressed_tensors.from_modelopt((), self.hf_config, export_format)
         self.work = WorkDir(target, self.ranks)
         fingerprint = digest({
             "quantship": __version__, "model": str(model_dir.resolve()), "shards": self.source.fingerprint(),
             "recipe": recipe.name, "kv": kv_format.name, "exclude": sorted(exclude), "min_tokens": moe_min_tokens,
             "format": export_format, "max_shard_bytes": max_shard_bytes, "dtype": str(dtype),
-            "calibration": batches_digest(batches),
+            "calibration": batches_digest(batches), **({"quantize_mtp": True} if quantize_mtp else {}),
         })
         self.state, self.resumed = self.work.open(fingerprint)
         self.writer = SectionShardWriter(self.work.staging, max_shard_bytes, metadata={"producer": "quantship"})
@@ -215,7 +221,7 @@ class LayerwiseRun:
             for i, j in enumerate(self.mine):
                 out = calls[k][i](layer, hidden[i].to(self.device))
                 hidden[i] = out.to(keep)
-                if not last:
+                if not last or self.mtp is not None:
                     self._saves.append(self._pool.submit(self.work.save_activation, k + 1, j, out))
                     self.timings["activation_bytes"] += out.numel() * out.element_size()
         with self._phase("quantize_write"):
@@ -267,6 +273,22 @@ class LayerwiseRun:
             self.state.extras_done = i + 1
             self._commit()
 
+    @torch.no_grad()
+    def mtp_section(self, hidden: list[torch.Tensor]) -> None:
+        """The MTP layer (sources.mtp), calibrated on the final norm of the last layer's outputs, written last."""
+        if self.mtp is None or self.state.mtp:
+            return
+        norm = self.mtp.final_norm()
+        for h, j in zip(hidden, self.mine, strict=True):
+            self.mtp.add(norm(h.to(self.device)), self.batches[j]["input_ids"], self.batches[j].get("attention_mask"))
+        self.mtp.calibrate(reduce=self.ranks.reduce_stats, progress=self.progress)
+        if self.ranks.is_main:
+            items = compressed_tensors.from_modelopt(self.mtp.section(), self.hf_config, self.export_format)[1]
+            self._add(len(self.layer_names) + 1 + self.extra.num_sections, list(items))
+        self.state.mtp = self.mtp.info
+        self.mtp.free()
+        self._commit()
+
     def finish(self, tokenizer=None) -> None:
         self._pool.shutdown()
         self._reader.shutdown()
@@ -277,9 +299,13 @@ class LayerwiseRun:
             final._write_configs(self.work.staging, self.hf_config, self.model_dir, tokenizer, self.quantization_config)
             report.write_reports(final, self.work.staging)
             self.extra.write_report(self.work.staging)
+            if self.mtp is not None:
+                self.mtp.write_report(self.work.staging, self.state.mtp)
             publish(self.work.staging, self.target, self.overwrite)
             self.work.remove()
         self.extra.close()
+        if self.mtp is not None:
+            self.mtp.close()
         self.source.close()
         self.ranks.barrier()
 
@@ -301,12 +327,14 @@ def stream_quantize(model_dir: str | Path, recipe: str | Recipe = "nvfp4",
                     device: str | torch.device | None = None, export_format: str = "modelopt",
                     overwrite: bool = False, max_shard_bytes: int = 5 * 1024**3, progress: bool = True,
                     dtype: torch.dtype = torch.bfloat16, tokenizer=None,
-                    activation_budget: int | None = None, timings: dict | None = None) -> Path:
+                    activation_budget: int | None = None, timings: dict | None = None,
+                    quantize_mtp: bool = False) -> Path:
     """Quantize the HF model folder `model_dir` layer by layer into `export`; returns `export`.
 
     Reruns of the same command after a kill continue from the last finished layer. Under
     torch.distributed (torchrun), every rank calls this with the same arguments. `timings`, if
     given, receives seconds per phase (load, calibrate, quantize_write, journal) and extra bytes.
+    `quantize_mtp`: quantize the source's MTP layer too (sources.mtp), written after everything else.
     """
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
     kv_format = get_kv_cache_format(kv_cache)
@@ -322,16 +350,19 @@ def stream_quantize(model_dir: str | Path, recipe: str | Recipe = "nvfp4",
     run = LayerwiseRun(Path(model_dir), recipe, kv_format, batches, target, exclude=list(exclude),
                        moe_min_tokens=moe_min_tokens, trust_remote_code=trust_remote_code, device=device,
                        export_format=export_format, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
-                       progress=progress, dtype=dtype, activation_budget=activation_budget)
+                       progress=progress, dtype=dtype, activation_budget=activation_budget, quantize_mtp=quantize_mtp)
     first_hidden, calls = run.outside()
     start = run.state.next_layer
     n = len(run.layer_names)
-    hidden = first_hidden if start == 0 else run.resume_hidden() if start < n else []
+    mtp_due = run.mtp is not None and not run.state.mtp  # needs the last layer's outputs
+    hidden = first_hidden if start == 0 else run.resume_hidden() if start < n or mtp_due else []
     del first_hidden
     for k in tqdm(range(start, n), desc="layers", unit="layer", initial=start, total=n, disable=not run.progress):
         run.layer(k, hidden, calls)
-    del hidden, calls
+    del calls
     run.extras()
+    run.mtp_section(hidden)
+    del hidden
     run.finish(tokenizer)
     if timings is not None:
         timings.update(run.timings)
