@@ -12,6 +12,10 @@ module serves the other members Model Optimizer 0.47 exports through the same NV
 
 Codes, packing and the order of float32 operations are `nvfp4.py`'s (division by the float32
 product `block_scale * scale_2`), so every member is bit-identical to Model Optimizer's bytes.
+Only at float32's ends do we differ: `scale_2` never goes below the smallest normal float32 (a
+subnormal amax gave 0 and NaN codes), and a static block scale whose `amax * normaliser`
+overflows float32 is computed as `(amax / scale_max) * normaliser` instead (was: inf, clamped
+to 448 where 256 was meant).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from quantship.formats.exact import div_const
 from quantship.formats.nvfp4 import (
     E2M1_MAX,
     E4M3_MAX,
@@ -28,6 +33,7 @@ from quantship.formats.nvfp4 import (
     round_to_e2m1_codes,
     unpack_fp4,
 )
+from quantship.formats.scale_bounds import SMALLEST_NORMAL
 
 
 def _blocks(x: Tensor, block: int) -> Tensor:
@@ -42,9 +48,10 @@ def block_amax(w: Tensor, block: int) -> Tensor:
 
 
 def global_scale(amax: Tensor, divisor: float) -> Tensor:
-    """`amax / divisor` float32 (NVFP4: 2688; W4A8_NVFP4_FP8: 448); amax 0 -> amax 1."""
+    """`amax / divisor` float32 (NVFP4: 2688; W4A8_NVFP4_FP8: 448); amax 0 -> amax 1; never below
+    the smallest normal float32 (as `nvfp4.global_scale_from_amax`)."""
     amax = torch.as_tensor(amax).float()
-    return torch.where(amax == 0, torch.ones_like(amax), amax) / divisor
+    return div_const(torch.where(amax == 0, torch.ones_like(amax), amax), divisor).clamp_min(SMALLEST_NORMAL)
 
 
 def _per_matrix(s: Tensor, w: Tensor) -> Tensor:
@@ -68,12 +75,16 @@ def dynamic_block_scales(w: Tensor, scale_2: Tensor, block: int) -> Tensor:
 def static_block_scales(per_block_amax: Tensor, global_amax: Tensor, normaliser: float) -> Tensor:
     """Block scales of a static quantizer from chosen per-block amaxes
     (`get_weights_scaling_factor_from_quantizer` + `_cast_per_block_scale_to_fp8`)."""
-    scale = per_block_amax.float() / E2M1_MAX
+    scale = div_const(per_block_amax, E2M1_MAX)
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    scale_max = torch.as_tensor(global_amax, device=scale.device).float() / E2M1_MAX
+    scale_max = div_const(torch.as_tensor(global_amax, device=scale.device), E2M1_MAX)
     if scale_max.ndim:
         scale_max = scale_max.reshape(*scale_max.shape, 1, 1)
-    return (scale * normaliser / scale_max).clamp(E4M3_MIN_SCALE, E4M3_MAX).to(torch.float8_e4m3fn)
+    # Model Optimizer's order, (scale * normaliser) / scale_max, where that product is finite; past
+    # float32's max (amax above ~2**122 for 256) the other order, equal wherever both are finite.
+    product = scale * normaliser
+    ratio = torch.where(torch.isinf(product), (scale / scale_max) * normaliser, product / scale_max)
+    return ratio.clamp(E4M3_MIN_SCALE, E4M3_MAX).to(torch.float8_e4m3fn)
 
 
 def encode(w: Tensor, block_scale: Tensor, scale_2: Tensor, block: int) -> Tensor:
@@ -109,8 +120,9 @@ def quantize_static(w: Tensor, per_block_amax: Tensor, global_amax: Tensor, bloc
                     normaliser: float) -> tuple[Tensor, Tensor, Tensor]:
     """(packed, e4m3 block scales, scale_2) from chosen per-block amaxes (scale search)."""
     g = torch.as_tensor(global_amax).float().expand(w.shape[:-2]).clone()
-    g = torch.where(g == 0, torch.ones_like(g), g)
-    scale_2 = g / (E2M1_MAX * normaliser)
+    # amax 0 -> 1; a subnormal one is raised until scale_2 is a normal float32 (else 0: NaN codes).
+    g = torch.where(g == 0, torch.ones_like(g), g).clamp_min(SMALLEST_NORMAL * E2M1_MAX * normaliser)
+    scale_2 = div_const(g, E2M1_MAX * normaliser)
     bs = static_block_scales(per_block_amax, g, normaliser)
     return encode(w, bs, scale_2, block), bs, scale_2
 

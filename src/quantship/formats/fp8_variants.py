@@ -14,7 +14,9 @@ Read from Model Optimizer 0.47 `modelopt/torch/export/quant_utils.py` (`to_quant
   `reduce_block_padding` pads. `q = e4m3(w / scale)` elementwise over each block.
 
 Divergences: a zero row/block gets scale 1/448 (Model Optimizer: 0, then NaN codes); quotients
-are clamped to ±448 before the cast instead of relying on the cast's overflow.
+are clamped to ±448 before the cast instead of relying on the cast's overflow; scales stay in
+[smallest normal float32, largest with 448 s finite] (`scale_bounds.py`: a subnormal amax gave
+scale 0 and NaN codes), so only fp32 extremes differ.
 """
 
 from __future__ import annotations
@@ -22,13 +24,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from quantship.formats.scale_bounds import bounded_scale
+
 FP8_MAX = 448.0
 PB_BLOCK = 128
 
 
 def _scale(amax: Tensor) -> Tensor:
-    amax = amax.float()
-    return torch.where(amax == 0, torch.ones_like(amax), amax) / FP8_MAX
+    """`amax / 448` per row / tile / token, bounded (`scale_bounds.bounded_scale`)."""
+    return bounded_scale(amax, FP8_MAX)
 
 
 def _cast(quotient: Tensor) -> Tensor:

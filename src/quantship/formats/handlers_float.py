@@ -18,6 +18,7 @@ from torch import Tensor
 
 from quantship.errors import QuantshipError
 from quantship.formats import fp4_blocks, fp8, fp8_variants, mxfp, nvfp4, nvfp4_four_over_six
+from quantship.formats.exact import div_const
 from quantship.formats.handlers_int import select_rows_default, with_pre_quant_scale
 
 
@@ -194,7 +195,7 @@ class W4A8NVFP4Handler(NVFP4AWQHandler):
 
     def scales(self, weight_amax: Tensor, input_amax: Tensor) -> dict[str, Tensor]:
         return {"weight_scale_2": fp4_blocks.global_scale(weight_amax, fp8.FP8_MAX),
-                "input_scale": torch.as_tensor(input_amax).float() / fp8.FP8_MAX}
+                "input_scale": div_const(input_amax, fp8.FP8_MAX)}
 
     def block_amax(self, weight: Tensor) -> Tensor:
         return fp4_blocks.block_amax(weight, self.block_size)

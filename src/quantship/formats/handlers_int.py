@@ -22,6 +22,7 @@ from torch import Tensor
 
 from quantship.errors import QuantshipError
 from quantship.formats import fp8, int4, int8
+from quantship.formats.exact import div_const
 
 PQS = "pre_quant_scale"
 
@@ -101,7 +102,7 @@ class W4A8AWQHandler(Int4AWQHandler):
 
     def scales(self, weight_amax: Tensor, input_amax: Tensor) -> dict[str, Tensor]:
         return {"weight_scale_2": fp8.scale_from_amax(weight_amax),
-                "input_scale": torch.as_tensor(input_amax).float() / fp8.FP8_MAX}
+                "input_scale": div_const(input_amax, fp8.FP8_MAX)}
 
     def quantize(self, weight: Tensor, scales: dict[str, Tensor], block_amax: Tensor | None = None
                  ) -> dict[str, Tensor]:
@@ -132,7 +133,7 @@ class Int8Handler:
     per_tensor: frozenset[str] = frozenset({"input_scale"})
 
     def scales(self, weight_amax: Tensor, input_amax: Tensor) -> dict[str, Tensor]:
-        return {"input_scale": torch.as_tensor(input_amax).float() / int8.INT8_MAX}
+        return {"input_scale": div_const(input_amax, int8.INT8_MAX)}
 
     def quantize(self, weight: Tensor, scales: dict[str, Tensor]) -> dict[str, Tensor]:
         q, scale = int8.quantize_int8_per_channel(weight)

@@ -12,14 +12,18 @@ loaders), `modelopt/torch/export/quant_utils.py`:
   (q[2r + 1, c] & 0xF) << 4`, shape `[out / 2, in]` (the same function; the engine's kernels
   read column-interleaved int4).
 
-Divergence: an all-zero group gets scale 1.0 (Model Optimizer's `get_scaling_factor` asserts the
-scale is positive and stops); any positive scale encodes zeros exactly.
+Divergences: an all-zero group gets scale 1.0 (Model Optimizer's `get_scaling_factor` asserts the
+scale is positive and stops); any positive scale encodes zeros exactly. Other scales stay in
+[smallest normal float32, largest with 7 s finite] (`scale_bounds.py`), so only fp32 extremes
+differ.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from quantship.formats.scale_bounds import bounded_scale
 
 INT4_MAX = 7.0  # symmetric signed 4-bit: codes -8..7, scale maps the group max to 7
 INT4_MIN_CODE, INT4_MAX_CODE = -8, 7
@@ -41,9 +45,10 @@ def group_amax(w: Tensor, group: int = DEFAULT_GROUP) -> Tensor:
 
 
 def scale_from_amax(amax: Tensor) -> Tensor:
-    """`amax / 7` in float32; a zero group gets 1.0 (see the module docstring)."""
-    scale = torch.as_tensor(amax).float() / INT4_MAX
-    return torch.where(scale == 0, torch.ones_like(scale), scale)
+    """`amax / 7` in float32, bounded (`scale_bounds.bounded_scale`); a zero group gets 1.0
+    (see the module docstring)."""
+    amax = torch.as_tensor(amax).float()
+    return torch.where(amax == 0, torch.ones_like(amax), bounded_scale(amax, INT4_MAX))
 
 
 def codes(w: Tensor, scale: Tensor, group: int = DEFAULT_GROUP) -> Tensor:

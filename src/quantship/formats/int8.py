@@ -8,7 +8,9 @@ TensorRT-LLM's W8A8_SQ_PER_CHANNEL / W8A16 loaders):
   (`to_quantized_weight`, `QUANTIZATION_INT8_SQ` / `INT8_WO`);
 - `input_scale = input_amax / 127` float32 0-dim (activations per tensor, static).
 
-Divergence: an all-zero row gets scale 1/127 instead of Model Optimizer's assertion failure.
+Divergences: an all-zero row gets scale 1/127 instead of Model Optimizer's assertion failure;
+scales stay in [smallest normal float32, largest with 127 s finite] (`scale_bounds.py`: at
+float32's max, 127 * (amax / 127) rounded past it to inf).
 """
 
 from __future__ import annotations
@@ -16,13 +18,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from quantship.formats.scale_bounds import bounded_scale
+
 INT8_MAX = 127.0
 
 
 def scale_from_amax(amax: Tensor) -> Tensor:
-    """`amax / 127` float32, elementwise; amax 0 gets the scale of amax 1."""
-    amax = torch.as_tensor(amax).float()
-    return torch.where(amax == 0, torch.ones_like(amax), amax) / INT8_MAX
+    """`amax / 127` float32, elementwise; amax 0 gets the scale of amax 1; bounded at both
+    ends of float32 (`scale_bounds.bounded_scale`)."""
+    return bounded_scale(amax, INT8_MAX)
 
 
 def quantize_int8_per_channel(w: Tensor, scale: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -13,6 +13,12 @@ The `weight_scale` is the *biased* exponent, uint8 `[out, in / 32]`: scale = 2**
   *down* (not to even, unlike NVFP4), and the sign bit is set for zeros (Model Optimizer's
   `(2 - sign(x)) // 2`): +0 and -0 both become code 8 (-0.0). Packed two per byte, even
   element in the low nibble (as NVFP4).
+
+Divergence, only at the top of the weight's dtype: a power-of-two scale can put a block maximum
+just under the dtype's max on an element grid point above it (fp16 65504 -> 256 * 2**8 = 65536 =
+inf; bf16 max -> 2**128). Such codes are moved one step towards zero, to the largest finite
+representation (`scale_bounds.no_overflow`); Model Optimizer writes the code that dequantizes to
+inf. Every code whose value is finite in the weight's dtype is Model Optimizer's.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from quantship.formats.exact import div_const
 from quantship.formats.nvfp4 import e2m1_values, pack_fp4, unpack_fp4
+from quantship.formats.scale_bounds import no_overflow
 
 MX_BLOCK = 32
 E8M0_BIAS = 127
@@ -51,7 +59,7 @@ def _per_element(scale: Tensor) -> Tensor:
 
 def mxfp8_exponent(amax: Tensor) -> Tensor:
     """Unbiased E8M0 exponents (float32) for block amaxes, as `MXFP8QTensor._compute_e8m0_exponent`."""
-    descale = amax.float() / FP8_MAX
+    descale = div_const(amax, FP8_MAX)
     log2 = torch.where(descale > 0, torch.log2(descale), torch.full_like(descale, -127.0))
     return torch.ceil(log2).clamp(-127, 127)
 
@@ -63,7 +71,9 @@ def quantize_mxfp8(w: Tensor, amax: Tensor | None = None) -> tuple[Tensor, Tenso
     biased = (mxfp8_exponent(amax) + E8M0_BIAS).to(torch.uint8)
     factor = torch.exp2(E8M0_BIAS - biased.float())
     q = (_blocks(w) * factor.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return q.reshape(w.shape), biased
+    values = q.float() * torch.exp2(biased.float() - E8M0_BIAS).unsqueeze(-1)  # as dequantize_mxfp8
+    bits = no_overflow(q.view(torch.uint8), values, w.dtype, lambda b: b - 1)  # e4m3: magnitude - 1 ulp
+    return bits.view(torch.float8_e4m3fn).reshape(w.shape), biased
 
 
 def dequantize_mxfp8(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.bfloat16) -> Tensor:
@@ -80,7 +90,7 @@ def fake_quantize_mxfp8(x: Tensor) -> Tensor:
 
 def mxfp4_exponent(amax: Tensor) -> Tensor:
     """Unbiased exponents as `MXFP4QTensor.quantize`: `ceil(max(log2(amax / 6), -127))`."""
-    return torch.ceil(torch.maximum(torch.log2(amax.float() / E2M1_MAX), torch.tensor(-127.0)))
+    return torch.ceil(torch.maximum(torch.log2(div_const(amax, E2M1_MAX)), torch.tensor(-127.0)))
 
 
 def mxfp4_codes(x: Tensor) -> Tensor:
@@ -96,8 +106,10 @@ def quantize_mxfp4(w: Tensor, amax: Tensor | None = None) -> tuple[Tensor, Tenso
     amax = _amax(w) if amax is None else amax
     exponent = mxfp4_exponent(amax)
     scaled = _blocks(w) / torch.exp2(exponent).unsqueeze(-1)
-    codes = mxfp4_codes(scaled.reshape(w.shape))
-    return pack_fp4(codes), (exponent + E8M0_BIAS).to(torch.uint8)
+    codes = mxfp4_codes(scaled)
+    values = e2m1_values(codes) * torch.exp2(exponent).unsqueeze(-1)  # as dequantize_mxfp4
+    codes = no_overflow(codes, values, w.dtype, lambda c: c - 1)  # E2M1: next magnitude down
+    return pack_fp4(codes.reshape(w.shape)), (exponent + E8M0_BIAS).to(torch.uint8)
 
 
 def dequantize_mxfp4(packed: Tensor, scale: Tensor, dtype: torch.dtype = torch.bfloat16) -> Tensor:

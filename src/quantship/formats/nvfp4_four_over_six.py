@@ -11,7 +11,9 @@ NVFP4 checkpoint (`quant_algo` "NVFP4", through `NVFP4QTensor.get_weights_scalin
 static path): `weight_scale_2 = global_amax / (6 * 256)` and block scales
 `e4m3((chosen_amax / 6) * 256 / (global_amax / 6))`; so does this module (`fp4_blocks.py`).
 The choice itself runs on Triton there; here it is the same rule in plain torch: per block,
-the candidate with the smaller sum of squared errors in float32, ties to M=6 (the first candidate).
+the candidate with the smaller sum of squared errors in float32, ties to M=6 (the first candidate);
+where those sums overflow (weights near float32's max) they are taken on the weight scaled by a
+power of two, which leaves the comparison unchanged.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from torch import Tensor
 
 from quantship.formats import fp4_blocks
+from quantship.formats.scale_bounds import SMALLEST_NORMAL
 
 BLOCK = 16
 NORMALISER = 256.0
@@ -36,18 +39,26 @@ def choose_block_amax(w: Tensor, global_amax: Tensor | None = None) -> Tensor:
     g = global_amax_of(w) if global_amax is None else torch.as_tensor(global_amax).float()
     base = fp4_blocks.block_amax(w, BLOCK)
     x = w.float().reshape(*w.shape[:-1], -1, BLOCK)
-    best_err, best = None, None
+    amaxes, diffs = [], []
     for m in MULTIPLIERS:
         amax = base * m
         packed, bs, s2 = fp4_blocks.quantize_static(w, amax, g, BLOCK, NORMALISER)
-        fq = fp4_blocks.decode(packed, bs, s2, BLOCK, torch.float32).reshape(x.shape)
-        err = (x - fq).pow(2).sum(-1)
-        if best is None:
-            best_err, best = err, amax
-        else:
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best = torch.where(better, amax, best)
+        amaxes.append(amax)
+        diffs.append(x - fp4_blocks.decode(packed, bs, s2, BLOCK, torch.float32).reshape(x.shape))
+    errs = [d.pow(2).sum(-1) for d in diffs]
+    overflow = torch.stack(errs).isinf().any(0)
+    if overflow.any():
+        # Squares of values near float32's max overflow (every candidate inf: a false tie). Scaled
+        # by 2**-exponent(global amax), exact for powers of two, the comparison is the same one.
+        _, exp = torch.frexp(g.clamp_min(SMALLEST_NORMAL))
+        unit = torch.exp2(-exp.float())
+        unit = unit.reshape(*unit.shape, 1, 1, 1) if unit.ndim else unit
+        errs = [torch.where(overflow, (d * unit).pow(2).sum(-1), e) for d, e in zip(diffs, errs, strict=True)]
+    best_err, best = errs[0], amaxes[0]
+    for err, amax in zip(errs[1:], amaxes[1:], strict=True):  # ties stay with the first (M=6)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, amax, best)
     return best
 
 
