@@ -11,6 +11,7 @@ import torch
 from quantship.model.fusion import fused_group_of, fused_groups
 from quantship.verify.config import Declared
 from quantship.verify.result import Finding
+from quantship.verify.scale_shapes import shape_problem
 from quantship.verify.specs import (
     FLOAT_WEIGHT_DTYPES,
     KV_SPECS,
@@ -97,7 +98,7 @@ def check_module(module: str, params: Params, spec: AlgoSpec, d: Declared) -> tu
                 in_features = None
 
     reads = []
-    for p, scale in spec.scales.items():
+    for p, scale in {**spec.scales, **spec.optional}.items():  # optional: checked when present
         if p in params:
             problems = _scale_problems(params[p], scale, weight if in_features else None, in_features, d)
             findings += [Finding(f"{module}.{p}", problem) for problem in problems]
@@ -135,7 +136,9 @@ def _scale_problems(
         expected = [*weight.shape[:-1], in_features // d.group_size]
         if shape != expected:
             return [f"shape {shape}, expected {expected} (one per {d.group_size} of {in_features} inputs)"]
-    return []
+    problem = shape_problem(scale.shape, shape, weight.shape if weight is not None else None, in_features,
+                            d.group_size)
+    return [problem] if problem else []
 
 
 def check_values(
@@ -144,6 +147,15 @@ def check_values(
     """Every scale must be finite and > 0; returns findings and the one-element values."""
     findings, scalars = [], {}
     for name, t in load(root, infos, names):
+        if t.dtype == torch.uint8:
+            # E8M0 (MX) exponents, the only uint8 scales: 2**(byte - 127) is finite and > 0 for
+            # every byte but 0xFF, which is NaN (OCP MX spec); byte 0 is 2**-127, a valid scale.
+            bad = t == 0xFF
+            if bad.any():
+                first = bad.nonzero()[0].tolist()
+                findings.append(Finding(name, f"{int(bad.sum())} of {t.numel()} E8M0 scales are 255 (NaN; "
+                                              f"first at {first})"))
+            continue
         if t.dtype == torch.float8_e4m3fn:
             # On the bytes, without a float copy: e4m3fn has no inf; 0x00 is +0, 0x7F is NaN,
             # and bit 7 is the sign, so exactly the bytes 0x01..0x7E are finite and > 0.

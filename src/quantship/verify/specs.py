@@ -122,7 +122,7 @@ SPECS: dict[tuple[str, str], AlgoSpec] = {
 
 # The rest of hf_ptq's formats, as Model Optimizer 0.47 writes them (its own per-module export is
 # the oracle: tests/formats/test_more_formats_modelopt.py). Shape kinds other than "one",
-# "blocks" and "one_or_row" are named for the reader; checks.py checks their dtype and values.
+# "blocks" and "one_or_row" are checked by verify/scale_shapes.py.
 _ROWS_F32 = ScaleSpec(("F32",), "rows")  # [out]
 _PQS = {"pre_quant_scale": ScaleSpec(FLOAT_SCALE_DTYPES, "per_input")}  # [in]
 
@@ -145,7 +145,7 @@ SPECS.update({
                                    ("weight_scale_2", "input_scale"), _PQS),
     (MODELOPT, "W4A8_NVFP4_FP8"): _more("U8", True, {"weight_scale": _BLOCKS_E4M3, **_W4A8_SCALES},
                                         ("weight_scale_2", "input_scale")),
-    (MODELOPT, "MXFP8"): _more("F8_E4M3", False, {"weight_scale": ScaleSpec(("U8",), "blocks")}),
+    (MODELOPT, "MXFP8"): _more("F8_E4M3", False, {"weight_scale": ScaleSpec(("U8",), "blocks_32")}),
     # Model Optimizer writes no group_size for mxfp4 (lower case: its fall-through name).
     (MODELOPT, "mxfp4"): _more("U8", True, {"weight_scale": ScaleSpec(("U8",), "blocks_32")}),
     (MODELOPT, "W8A8_SQ_PER_CHANNEL"): _more("I8", False, {"weight_scale": _ROWS_F32, "input_scale": _ONE_F32},
