@@ -1,0 +1,145 @@
+"""Peak memory of the streaming path on an FP8-block DeepSeek-V3 source (issue 9's done-criterion).
+
+Measured as glibc's live heap (`mallinfo2`: bytes in use in every arena plus mmapped chunks), sampled
+from a thread, because the streaming path allocates in three threads (the layer loop, the next layer's
+reader, the activation writer) and torch's profiler sees only the calling one. The baseline is the live
+heap when the first decoder layer starts (skeleton, embeddings written, calibration inputs captured).
+
+What one layer costs at its peak (measured, see the printout): while layer k is placed, its dequantized
+source tensors and its new parameters coexist (2 layers) and layer k+1 is being read ahead
+(`streaming/layerwise.py`'s reader thread, up to 1 more); calibration and quantization add their working
+set. The test bounds the peak by a few layers and by a fraction of the whole model, so a path that held
+the model's BF16 copy (or leaked a layer per layer) fails it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import init_empty_weights
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+from transformers.core_model_loading import revert_weight_conversion
+
+import quantship.streaming.layerwise as layerwise
+from quantship.export import sections
+from sources.helpers import _fp8_target, write_byte_tokenizer
+
+from tiny_models import tiny_config
+
+LAYERS, EXPERTS = 12, 16
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                 "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _live_heap():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+    except (OSError, AttributeError):
+        return None
+
+    def live() -> int:
+        info = libc.mallinfo2()
+        return info.uordblks + info.hblkhd
+    return live
+
+
+def _random_fp8_source(path: Path) -> Path:
+    """A DeepSeek-V3 FP8-block checkpoint written directly (random e4m3 values and block scales): 1 dense
+    and LAYERS-1 MoE layers of ~10 MB dequantized each."""
+    config = tiny_config("deepseek_v3")
+    config.hidden_size, config.intermediate_size, config.moe_intermediate_size = 256, 256, 384
+    config.n_routed_experts, config.num_hidden_layers, config.n_group, config.topk_group = EXPERTS, LAYERS, 4, 2
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    names = revert_weight_conversion(model, dict(model.state_dict()))
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for name, t in names.items():
+        module = name.removesuffix(".weight")
+        if name.endswith(".weight") and t.dim() == 2 and _fp8_target(module):
+            rows, cols = t.shape
+            tensors[name] = (torch.randn(t.shape, generator=g) * 64).to(torch.float8_e4m3fn)
+            tensors[f"{module}.weight_scale_inv"] = torch.rand((-(-rows // 128), -(-cols // 128)), generator=g) * 1e-3
+        elif t.dim() == 1:
+            tensors[name] = torch.ones(t.shape, dtype=torch.bfloat16) if "norm" in name else torch.zeros(t.shape)
+        else:
+            tensors[name] = (torch.randn(t.shape, generator=g) * 0.08).to(torch.bfloat16)
+    path.mkdir()
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    config.quantization_config = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                  "weight_block_size": [128, 128]}
+    config.save_pretrained(path)
+    write_byte_tokenizer(path)
+    return path
+
+
+def test_streaming_peak_memory_is_a_few_layers_not_the_model(tmp_path, monkeypatch):
+    live = _live_heap()
+    source = _random_fp8_source(tmp_path / "fp8")
+    calib = [{"input_ids": torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(i))} for i in range(2)]
+    if live is None:
+        pytest.skip("glibc mallinfo2 is not available on this platform")
+    # A real DeepSeek-V3 layer is ~60x the 256 MB quantization chunk; keep that proportion (one expert a chunk).
+    monkeypatch.setattr(sections.target_tensors, "__defaults__", (1,))
+    sizes: dict[str, int] = {}
+    prepare = layerwise.LayerSource.prepare
+
+    def recording_prepare(self, *args):
+        prepare(self, *args)
+        sizes.update({s: self.section_bytes(s) for s in self._sections})
+
+    monkeypatch.setattr(layerwise.LayerSource, "prepare", recording_prepare)
+    level = {"base": None, "peak": 0}
+    starts: list[int] = []  # live heap when each layer starts
+    peaks: list[int] = []  # highest live heap while it runs
+    layer = layerwise.LayerwiseRun.layer
+
+    def measured_layer(self, k, *args):
+        level["base"] = level["peak"] = live()
+        out = layer(self, k, *args)
+        starts.append(level["base"])
+        peaks.append(level["peak"])
+        return out
+
+    monkeypatch.setattr(layerwise.LayerwiseRun, "layer", measured_layer)
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            if level["base"] is not None:
+                level["peak"] = max(level["peak"], live())
+            time.sleep(0.0002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        layerwise.stream_quantize(source, "nvfp4", calib, tmp_path / "out", device="cpu", progress=False,
+                                  max_shard_bytes=2 * 1024**2)
+    finally:
+        done.set()
+        sampler.join()
+    one_layer = max(sizes.values())
+    whole = sum(sizes.values())
+    activations = sum(b["input_ids"].numel() for b in calib) * 256 * 2 * 4  # hidden, output, saved copies (bf16)
+    # Steady state (layers 2..): the first MoE layers also pay one-time costs (imports, thread arenas).
+    extra = max(p - s for p, s in zip(peaks[2:], starts[2:], strict=True))
+    drift = starts[-1] - starts[2]
+    total = max(peaks) - starts[0]
+    print(f"per layer: peak {extra / 1e6:.1f} MB beyond its start = {extra / one_layer:.2f} layers; drift over "
+          f"{LAYERS - 3} layers {drift / 1e6:.1f} MB; whole run {total / 1e6:.1f} MB = {total / one_layer:.2f} layers "
+          f"(largest layer {one_layer / 1e6:.1f} MB dequantized, model {whole / 1e6:.1f} MB)")
+    assert extra <= 3 * one_layer + activations  # source tensors + placed parameters + next layer read ahead
+    # A small drift remains (~1.4 MB per 10 MB layer here, cause not identified yet); a layer kept
+    # per layer would be 9 layers.
+    assert drift <= 1.5 * one_layer
+    assert total <= 0.6 * whole
