@@ -40,11 +40,11 @@ def _quantize(tiny_llama, text_file, target, *extra) -> int:
 def _fail_writes(monkeypatch, where: str, error: BaseException) -> None:
     """Make the export's writer fail as a full disk does, after writing part of its file."""
     if where == "shard":
-        def save_file(tensors, path, metadata=None):
+        def write_safetensors(tensors, path, metadata=None):
             Path(path).write_bytes(b"\x00" * 1000)  # what a disk filling up mid-write leaves
             raise error
 
-        monkeypatch.setattr(shards, "save_file", save_file)
+        monkeypatch.setattr(shards, "write_safetensors", write_safetensors)
     else:  # config.json, after every shard is written
         real = Path.write_text
 
@@ -107,9 +107,9 @@ def test_other_safetensors_io_errors_become_oserror(tmp_path, monkeypatch):
     def save_file(*_a, **_k):
         raise SafetensorError("Error while serializing: I/O error: File too large (os error 27)")
 
-    monkeypatch.setattr(shards, "save_file", save_file)
+    monkeypatch.setattr(shards, "save_file", save_file)  # the fallback for dtypes the raw writer lacks
     writer = shards.ShardWriter(tmp_path, 10)
-    writer.add("a", __import__("torch").zeros(4))
+    writer.add("a", __import__("torch").zeros(4, dtype=__import__("torch").float4_e2m1fn_x2))  # not in safetensors_raw.DTYPES
     with pytest.raises(OSError) as info:
         writer.close()
     assert info.value.errno == errno.EFBIG

@@ -135,8 +135,15 @@ def _instrument(w_fd: int, two_step: bool, die_at: int | None) -> None:
         replace = staticmethod(wrap(os.replace, "replace", after=True))
 
     shards.tempfile = type("T", (), {"mkdtemp": staticmethod(wrap(shards.tempfile.mkdtemp, "tmp", after=True))})
-    shards.save_file = wrap(shards.save_file, "shard", after=True)
-    shards.ShardWriter.close = wrap(shards.ShardWriter.close, "finalize")
+    shards.write_safetensors = wrap(shards.write_safetensors, "shard", after=True)  # in the writer thread
+    real_close = shards.ShardWriter.close
+
+    def close(self):  # "finalize" once earlier shards are written, so steps come in one order
+        self.wait()
+        step("finalize")
+        return real_close(self)
+
+    shards.ShardWriter.close = close
     real_swap_in = shards._swap_in
 
     def swap_in(tmp, target):

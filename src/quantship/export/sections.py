@@ -14,16 +14,14 @@ left pending between layers (what makes a killed streaming run resumable without
 
 from __future__ import annotations
 
-import json
-import struct
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from quantship.export import modelopt_hf
+from quantship.export.safetensors_raw import canonical_metadata_order  # noqa: F401 (re-exported)
 from quantship.export.shards import ShardWriter
 from quantship.formats.handlers import FormatHandler
 from quantship.model.checkpoint_names import checkpoint_slices, checkpoint_state_dict
@@ -138,38 +136,8 @@ def nbytes(tensor: Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def canonical_metadata_order(path: Path) -> None:
-    """Rewrite a safetensors header in place with its `__metadata__` keys sorted.
-
-    safetensors keeps the metadata in a Rust HashMap, whose iteration order is seeded per
-    process: with two keys ("format", "producer") the same tensors make different files in two
-    runs. The tensor entries are already in a fixed order, so sorting the metadata makes a shard
-    a function of its tensors; the header keeps its length, only those bytes are rewritten.
-    """
-    with open(path, "r+b") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        raw = f.read(n)
-        header = json.loads(raw)
-        meta = header.get("__metadata__")
-        if not meta or len(meta) < 2:
-            return
-        header["__metadata__"] = dict(sorted(meta.items()))
-        new = json.dumps(header, separators=(",", ":")).encode()
-        if len(new) != len(raw.rstrip(b" ")):  # a layout this function does not know: leave it
-            return
-        f.seek(8)
-        f.write(new)
-
-
 class SectionShardWriter(ShardWriter):
     """`ShardWriter` plus whole sections: the shard policy of the module docstring."""
-
-    def _flush(self) -> None:
-        index = len(self._shards)
-        had = bool(self._pending)
-        super()._flush()
-        if had:
-            canonical_metadata_order(self.directory / f"shard-{index:05d}.partial")
 
     def add_section(self, items: Iterable[tuple[str, Tensor]]) -> None:
         items = list(items)
@@ -187,6 +155,8 @@ class SectionShardWriter(ShardWriter):
         return self._pending
 
     def state(self) -> dict:
+        """The shards written so far (on disk once this returns) and the byte count."""
+        self.wait()
         return {"shards": [list(s) for s in self._shards], "total_bytes": self.total_bytes}
 
     def restore(self, state: dict, pending: dict[str, Tensor]) -> None:

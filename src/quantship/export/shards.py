@@ -23,6 +23,8 @@ import os
 import re
 import shutil
 import tempfile
+import threading
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +32,8 @@ import torch
 from safetensors.torch import save_file
 
 from quantship.errors import QuantshipError
+from quantship.export import safetensors_raw
+from quantship.export.safetensors_raw import write_file as write_safetensors
 
 TEMP_PREFIX = ".quantship-tmp-"
 # Kinds of temporary sibling: "init" exists only between mkdtemp and taking its lock, "new" is
@@ -39,13 +43,20 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """safetensors' save_file, with its I/O failures raised as OSError.
+    """Write one shard file, with I/O failures raised as OSError.
 
+    `write_safetensors` where it can (the same bytes as safetensors' `save_file`, see
+    `safetensors_raw`), else `save_file` with its metadata then put in canonical order.
     safetensors reports a full disk as `SafetensorError("... I/O error: No space left on device
     (os error 28)")`, which is not an OSError; callers need the errno to explain it.
     """
     try:
-        save_file(tensors, str(path), metadata=metadata)
+        if safetensors_raw.supported(tensors):
+            write_safetensors(tensors, path, metadata)
+        else:
+            # safetensors refuses tensors sharing memory (rows of one quantized chunk): own copies.
+            save_file({k: v.clone() for k, v in tensors.items()}, str(path), metadata=metadata)
+            safetensors_raw.canonical_metadata_order(path)
     except OSError:
         raise
     except Exception as e:
@@ -56,8 +67,46 @@ def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]
         raise OSError(code, os.strerror(code), str(path)) from e
 
 
+save_tensors = _save  # for other writers of safetensors files (the streaming journal)
+
+
+class _ShardJob:
+    """One shard written by a background thread; `result()` joins it and re-raises its error."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]):
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(tensors, path, metadata),
+                                       name=f"quantship-shard-{path.name}", daemon=False)
+        self.thread.start()
+
+    def _run(self, tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+        try:
+            _save(tensors, path, metadata)
+        except BaseException as e:  # handed to the main thread by result()
+            self.error = e
+
+    def result(self) -> None:
+        self.thread.join()
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+
+# Writers with a shard in flight, so that `atomic_export_dir` can wait for them before it
+# deletes its temp dir after a failure (a late write would recreate a file in it).
+_LIVE: weakref.WeakSet[ShardWriter] = weakref.WeakSet()
+
+
 class ShardWriter:
-    """Appends tensors to `model-XXXXX-of-YYYYY.safetensors` files and writes the index."""
+    """Appends tensors to `model-XXXXX-of-YYYYY.safetensors` files and writes the index.
+
+    A full shard is written by a background thread while the caller goes on producing the next
+    one (quantizing on the GPU, copying to the host): at most two shards are held, the one being
+    written and the one being filled. A write error (a full disk) is raised in the caller's
+    thread by the next `add`/`close`/`wait`, as the same OSError. Tensors given to `add` are
+    written from their own memory, not copied (unless they are on another device or not
+    contiguous): they must not be modified in place before `close()` (or `wait()`) returns.
+    """
 
     def __init__(self, directory: Path, max_shard_bytes: int = 5 * 1024**3, metadata: dict[str, str] | None = None):
         self.directory = directory
@@ -67,6 +116,7 @@ class ShardWriter:
         self._pending_bytes = 0
         self._shards: list[list[str]] = []
         self._seen: set[str] = set()
+        self._job: _ShardJob | None = None
         self.total_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
@@ -76,25 +126,39 @@ class ShardWriter:
         size = tensor.numel() * tensor.element_size()
         if self._pending and self._pending_bytes + size > self.max_shard_bytes:
             self._flush()
-        # Own contiguous CPU storage: safetensors cannot save views sharing memory. A tensor
-        # copied here from another device already owns fresh storage: no second copy.
-        copied = tensor.device.type != "cpu"
-        tensor = tensor.detach().to("cpu").contiguous()
-        self._pending[name] = tensor if copied else tensor.clone()
+        # Contiguous CPU memory, copied only where needed: a tensor copied off the GPU (or a view
+        # of one, as the quantized chunks' per-expert rows are) is written from where it lies.
+        if tensor.requires_grad:
+            tensor = tensor.detach()
+        if tensor.device.type != "cpu":
+            tensor = tensor.to("cpu")
+        if not tensor.is_contiguous():
+            tensor = tensor.contiguous()
+        self._pending[name] = tensor
         self._pending_bytes += size
         self.total_bytes += size
 
     def _flush(self) -> None:
         if not self._pending:
             return
-        index = len(self._shards)
-        _save(self._pending, self.directory / f"shard-{index:05d}.partial", self.metadata)
+        self.wait()  # the previous shard is on disk before this one goes: two shards held at most
+        path = self.directory / f"shard-{len(self._shards):05d}.partial"
         self._shards.append(list(self._pending))
-        self._pending, self._pending_bytes = {}, 0
+        tensors, self._pending, self._pending_bytes = self._pending, {}, 0
+        self._job = _ShardJob(tensors, path, self.metadata)
+        _LIVE.add(self)
+
+    def wait(self) -> None:
+        """Block until every shard handed to the background writer is on disk; raise its error."""
+        job, self._job = self._job, None
+        _LIVE.discard(self)
+        if job is not None:
+            job.result()
 
     def close(self) -> list[str]:
         """Flush, give shards their final names, write the index; returns the file names."""
         self._flush()
+        self.wait()
         n = len(self._shards)
         if n == 0:
             raise ValueError("no tensors were written")
@@ -258,6 +322,17 @@ def swap_into_place(finished: Path, target: Path) -> None:
     _swap_in(Path(finished), Path(target))
 
 
+def _settle_writers(directory: Path) -> None:
+    """Wait for shards still being written into `directory` (the export failed before its
+    writer's `close`), so that no late write recreates a file after the directory is removed.
+    Their errors are dropped: the export's own error is already on its way."""
+    where = os.path.abspath(directory)
+    for writer in list(_LIVE):
+        if os.path.abspath(writer.directory) == where:
+            with contextlib.suppress(Exception):
+                writer.wait()
+
+
 @contextlib.contextmanager
 def atomic_export_dir(target: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temp dir beside `target`; on success swap it into place, on failure delete it.
@@ -286,6 +361,7 @@ def atomic_export_dir(target: Path, overwrite: bool) -> Iterator[Path]:
             raise QuantshipError(f"export path {target} appeared during the export; rerun with --overwrite")
         _swap_in(tmp, target)
     finally:
+        _settle_writers(tmp)
         shutil.rmtree(tmp, ignore_errors=True)  # a no-op once swapped in
         shutil.rmtree(init, ignore_errors=True)
         os.close(lock)

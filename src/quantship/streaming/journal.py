@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from quantship.export.shards import save_tensors
 from quantship.streaming.distributed import Ranks
 
 WORKDIR_PREFIX = ".quantship-stream-"
@@ -132,7 +133,7 @@ class WorkDir:
     def save_pending(self, section_index: int, tensors: dict[str, torch.Tensor]) -> dict:
         (self.root / "pending").mkdir(exist_ok=True)
         rel = f"pending/{section_index:05d}.safetensors"
-        save_file(tensors, str(self.root / rel))
+        save_tensors(tensors, self.root / rel, {"format": "pt"})  # the writer's views of shared chunks too
         return {"file": rel, "names": list(tensors)}
 
     def load_pending(self, entries: list[dict], outside: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
