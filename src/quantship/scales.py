@@ -19,6 +19,7 @@ from torch import Tensor
 
 from quantship.calibration.observers import CalibrationStats, ExpertCoverage
 from quantship.errors import QuantshipError
+from quantship.formats.exact import div_const
 from quantship.formats.handlers import FORMAT_HANDLERS, FormatHandler
 from quantship.model.discover import ModelStructure
 from quantship.model.fusion import fused_groups
@@ -162,8 +163,9 @@ def build_plan(structure: ModelStructure, recipe: Recipe, kv_format: KVCacheForm
         for attn, amax in stats.kv_amax.items():
             if not all(torch.isfinite(v) and v > 0 for v in amax.values()):
                 raise QuantshipError(f"KV cache amax of {attn} is zero or not finite; use more calibration text")
-            # DESIGN.md: k_scale / v_scale = amax / 448 for both FP8 and NVFP4 KV caches.
-            kv_scales[attn] = {"k_scale": amax["k"] / 448.0, "v_scale": amax["v"] / 448.0}
+            # DESIGN.md: k_scale / v_scale = amax / 448 for both FP8 and NVFP4 KV caches, rounded
+            # once on every device (CUDA's `x / 448.0` multiplies by a rounded reciprocal).
+            kv_scales[attn] = {"k_scale": div_const(amax["k"], 448.0), "v_scale": div_const(amax["v"], 448.0)}
         missing = [n for n, _ in structure.attention_modules if n not in kv_scales]
         if missing:
             raise QuantshipError(f"no calibration activation reached the attention of {missing[0]}; cannot set its KV scales")
