@@ -115,7 +115,8 @@ def generate(args: argparse.Namespace) -> None:
     work, src = Path(args.work), Path(args.work) / "src"
     probe = section_bytes(checkpoint_shapes(deepseek_config(2, args.tiny)))
     outside, dense, moe = probe["outside"], probe["layer0"], probe["layer1"]
-    n_moe = args.moe_layers or max(1, int((args.disk_gb * GB - 2 * outside - 1.3 * dense) // ((1 + NVFP4_RATIO) * moe)))
+    tiny_default = 3 if args.tiny else 0  # --tiny checks the script: never fill the disk with test-width layers
+    n_moe = args.moe_layers or tiny_default or max(1, int((args.disk_gb * GB - 2 * outside - 1.3 * dense) // ((1 + NVFP4_RATIO) * moe)))
     config = deepseek_config(1 + n_moe, args.tiny)
     shapes = checkpoint_shapes(config)
     shutil.rmtree(src, ignore_errors=True)
