@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shutil
 import warnings
 
 import pytest
@@ -19,6 +20,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from quantship.cli import main
 from quantship.errors import QuantshipError
 from quantship.formats import fp8_variants, int8, mxfp
+from quantship.load import load_quantized
 from quantship.pipeline import quantize
 from quantship.recipes import get_recipe
 from quantship.verify import verify_checkpoint
@@ -247,3 +249,40 @@ def test_int4_split_that_breaks_an_output_pair_is_refused():
     assert torch.equal(pair_rows(torch.arange(4, 10)), torch.arange(2, 5))
     with pytest.raises(QuantshipError, match="unaligned"):
         pair_rows(torch.arange(3, 9))
+
+
+# Formats whose activations the served model quantizes (statically or per token / MX block).
+ACT_QUANT = {"fp8_pc_pt", "nvfp4_awq", "w4a8_awq", "w4a8_nvfp4_fp8", "mxfp8", "mxfp4", "int8_sq", "nvfp4_four_over_six"}
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_reload_computes_the_in_memory_fake_quant_logits(exports, name):
+    """`load_quantized` (and so `quantship eval`) reloads every format dequantized, with its
+    pre_quant_scale and activation fake quant: bit for bit the in-memory fake-quant model."""
+    out, qm, _ = exports[name]
+    ids = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        with qm.fake_quantized() as m:
+            expected = m(ids).logits
+        loaded = load_quantized(out)
+        plain = loaded.model(ids).logits
+        with loaded.fake_quantized() as m:
+            got = m(ids).logits
+    assert torch.equal(got, expected)
+    assert torch.equal(got, plain) != (name in ACT_QUANT)  # the activation hooks are live where they should be
+    has_pqs = any(k.endswith(PQS) for k in _headers(out))
+    assert bool(loaded.pre_quant_scales) == has_pqs
+
+
+def test_reload_refuses_what_it_cannot_read(exports, tmp_path):
+    src, _, _ = exports["int4_awq"]
+    for edit, words in ((lambda q: q.update(quant_algo="W4A8_MXFP4"), "'W4A8_MXFP4' cannot be loaded"),
+                        (lambda q: q.update(group_size=64), "group_size 64 cannot be loaded")):
+        bad = tmp_path / str(len(words))
+        shutil.copytree(src, bad)
+        hf = json.loads((bad / "hf_quant_config.json").read_text())
+        edit(hf["quantization"])
+        (bad / "hf_quant_config.json").write_text(json.dumps(hf))
+        with pytest.raises(QuantshipError, match=words) as e:
+            load_quantized(bad)
+        assert "\n" not in str(e.value)

@@ -30,7 +30,15 @@ from tqdm.auto import tqdm
 
 from quantship.errors import QuantshipError
 from quantship.formats.handlers import FORMAT_HANDLERS, FormatHandler
-from quantship.load import ALGO_TO_FORMAT, SCALE_SUFFIXES, _tensor_files, load_quantized, read_quant_algo
+from quantship.load import (
+    ALGO_TO_FORMAT,
+    PQS,
+    SCALE_SUFFIXES,
+    _tensor_files,
+    load_quantized,
+    normalize_scale_shapes,
+    read_quant_algo,
+)
 
 ARCH_KEYS = ("model_type", "num_hidden_layers", "hidden_size", "vocab_size")
 
@@ -116,9 +124,11 @@ def _index(directory: Path) -> dict[str, Path]:
 
 def weight_sqnr(quant_dir: Path, reference_dir: Path, handler: FormatHandler, progress: bool = True
                 ) -> dict[str, float]:
-    """SQNR per quantized module (checkpoint name), streaming one module at a time."""
+    """SQNR per quantized module (checkpoint name), streaming one module at a time. A module's
+    `pre_quant_scale` multiplies its dequantized weight back (the engine computes `(x p) W_q^T`);
+    one folded into a norm cannot be: such modules compare the smoothed weight `W / p`."""
     q_index, r_index = _index(quant_dir), _index(reference_dir)
-    modules = sorted(k.rsplit(".", 1)[0] for k in q_index if k.endswith(".input_scale"))
+    modules = sorted(k.rsplit(".", 1)[0] for k in q_index if k.endswith(".weight_scale"))
     missing = [m for m in modules if f"{m}.weight" not in r_index]
     if missing:
         raise QuantshipError(
@@ -132,7 +142,10 @@ def weight_sqnr(quant_dir: Path, reference_dir: Path, handler: FormatHandler, pr
             tensors = {s: files[q_index[f"{m}.{s}"]].get_tensor(f"{m}.{s}")
                        for s in ("weight", *SCALE_SUFFIXES) if f"{m}.{s}" in q_index}
             reference = files[r_index[f"{m}.weight"]].get_tensor(f"{m}.weight")
-            out[m] = sqnr_db(reference, handler.dequantize(tensors, torch.float32))
+            weight = handler.dequantize(normalize_scale_shapes(tensors, handler), torch.float32)
+            if f"{m}.{PQS}" in q_index:
+                weight = weight * files[q_index[f"{m}.{PQS}"]].get_tensor(f"{m}.{PQS}").float()
+            out[m] = sqnr_db(reference, weight)
     return out
 
 
