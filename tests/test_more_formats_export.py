@@ -191,6 +191,11 @@ def test_fused_3d_experts_export_complete(name, tmp_path):
             assert f"{m}.weight" in t and f"{m}.weight_scale" in t
             if get_recipe(name).algorithm:  # AWQ/SQ are not searched inside fused experts: neutral 1
                 assert torch.equal(t[f"{m}.{PQS}"], torch.ones_like(t[f"{m}.{PQS}"]))
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), qm.fake_quantized() as m:
+        expected = m(ids).logits
+    with torch.no_grad(), load_quantized(out).fake_quantized() as m:  # per-expert activation scales
+        assert torch.equal(m(ids).logits, expected)
 
 
 @pytest.mark.parametrize("name", ["int8_sq", "nvfp4_awq"])
