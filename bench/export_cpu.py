@@ -19,6 +19,7 @@ import argparse
 import cProfile
 import importlib.util
 import io
+import json
 import os
 import pstats
 import shutil
@@ -118,9 +119,13 @@ def main(argv: list[str] | None = None) -> int:
           f"(runs {row['runs']}), {row['us_per_tensor']:.0f} us/tensor; calibration {calibrate_s:.1f} s")
     if args.out is not None:
         info = {"card": "cpu", "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "threads": torch.get_num_threads()}
-        md = timing.table([row], [("label", "code"), ("tensors", "tensors"), ("export_mb", "MB"), ("export_s", "export s"),
-                                  ("us_per_tensor", "us/tensor")])
-        timing.write_results(args.out, "export", {"device": info, "rows": [row]}, md)
+        previous = args.out / f"{info['date']}-cpu-export.json"  # rows of earlier runs that day are kept
+        rows = json.loads(previous.read_text())["rows"] if previous.exists() else []
+        rows.append(row)
+        md = timing.table(rows, [("label", "code"), ("tensors", "tensors"), ("export_mb", "MB"), ("max_shard_bytes", "shard limit"),
+                                 ("cache_quantize", "quantize cached"), ("export_s", "export s (median)"),
+                                 ("runs", "runs"), ("us_per_tensor", "us/tensor")])
+        timing.write_results(args.out, "export", {"device": info, "rows": rows}, md)
     return 0
 
 
