@@ -39,8 +39,8 @@ PARALLEL_BYTES = 256 * 1024**2  # files at least this big are written by several
 
 
 def supported(tensors: dict[str, torch.Tensor]) -> bool:
-    """Whether `write_file` can write these: CPU, contiguous, and a dtype in `DTYPES`."""
-    return all(t.dtype in _RANK and t.device.type == "cpu" and t.is_contiguous() for t in tensors.values())
+    """Whether `write_file` can write these: CPU, contiguous, a dtype in `DTYPES`, an OS with pwritev."""
+    return hasattr(os, "pwritev") and all(t.dtype in _RANK and t.device.type == "cpu" and t.is_contiguous() for t in tensors.values())
 
 
 def layout(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> tuple[bytes, list[str]]:
@@ -138,7 +138,7 @@ def write_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dic
     if threads is None:
         threads = min(4, os.cpu_count() or 1) if total >= PARALLEL_BYTES else 1
     with open(path, "wb", buffering=0) as f:
-        if threads > 1 and hasattr(os, "pwritev"):
+        if threads > 1:
             _write_parallel(f.fileno(), buffers, threads)
         else:
             _pwritev_all(f.fileno(), buffers, 0)

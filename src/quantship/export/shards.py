@@ -1,9 +1,10 @@
 """Streaming sharded safetensors writer, and the write-to-temp-then-rename export directory.
 
-Tensors are appended one at a time and flushed to a shard file once the shard reaches its size
-limit, so an export never holds more than one shard in memory. The whole export is built in a
-temporary sibling directory and swapped into place at the end: the target path either holds
-the previous content or a complete checkpoint, never a partial one, whenever the process dies.
+Tensors are appended one at a time and a shard is handed to a background writer thread once it
+reaches its size limit, so an export holds at most two shards in memory (one being written, one
+being filled) and produces the next shard while the disk writes the last. The whole export is
+built in a temporary sibling directory and swapped into place at the end: the target path either
+holds the previous content or a complete checkpoint, never a partial one, whenever the process dies.
 
 Temporary siblings are named `.quantship-tmp-<kind>-<pid>-<target>...` and carry an flock held
 by the exporting process for as long as they are in use. The next export into the same parent
