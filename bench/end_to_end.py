@@ -11,8 +11,7 @@ calibration (every expert covered: routed tokens, plus all tokens for experts un
 export; Model Optimizer 0.47's NVFP4 calibration, routed only and with
 `moe_calib_experts_ratio=1.0`, each followed by its `export_hf_checkpoint`. Each contestant gets
 a freshly built model (same seed, same weights). After quantship's export, its tensors are written
-again by the exporter's file writer alone (one thread, then its default threads): the disk's
-share of the export. Seconds, peak GPU memory, export GB/s and the ratios are written after every
+again by the exporter's file writer alone: the disk's share of the export. Seconds, peak GPU memory, export GB/s and the ratios are written after every
 phase, so a run cut short keeps what it measured.
 """
 
@@ -136,7 +135,7 @@ def dir_gb(path: Path) -> float:
 
 def write_floor(ph: Phases, export: Path, work: Path) -> None:
     """The disk's part of the export: the exported shards' tensors (already in memory) written
-    again by the exporter's own file writer, with one thread and with its default threads."""
+    again by the exporter's own file writer."""
     from safetensors.torch import load_file
 
     from quantship.export.safetensors_raw import write_file
@@ -144,13 +143,11 @@ def write_floor(ph: Phases, export: Path, work: Path) -> None:
     shards = {f: load_file(f) for f in sorted(export.glob("*.safetensors"))}
     out = work / "floor"
     out.mkdir(exist_ok=True)
-    for threads, label in ((1, "1 thread"), (None, "default threads")):
-        ph.run(f"write floor: the export's tensors rewritten ({label})",
-               lambda threads=threads: [write_file(t, out / f.name, {"format": "pt"}, threads=threads)
-                                        for f, t in shards.items()])
-        ph.rows[-1]["export_gb"] = dir_gb(out)
-        ph.rows[-1]["export_gbps"] = dir_gb(out) / ph.rows[-1]["seconds"]
-        ph.save()
+    ph.run("write floor: the export's tensors written again",
+           lambda: [write_file(t, out / f.name, {"format": "pt"}) for f, t in shards.items()])
+    ph.rows[-1]["export_gb"] = dir_gb(out)
+    ph.rows[-1]["export_gbps"] = dir_gb(out) / ph.rows[-1]["seconds"]
+    ph.save()
     shutil.rmtree(out, ignore_errors=True)
 
 

@@ -20,7 +20,6 @@ import errno
 import json
 import os
 import struct
-import threading
 from pathlib import Path
 
 import torch
@@ -35,7 +34,6 @@ DTYPES: dict[torch.dtype, str] = {
 _RANK = {dtype: i for i, dtype in enumerate(DTYPES)}
 _IOV_MAX = 1024  # Linux's limit on buffers per writev
 _MAX_CALL_BYTES = 1 << 30  # Linux writes at most ~2 GiB per call; stay well under
-PARALLEL_BYTES = 256 * 1024**2  # files at least this big are written by several threads
 
 
 def supported(tensors: dict[str, torch.Tensor]) -> bool:
@@ -86,62 +84,16 @@ def _pwritev_all(fd: int, buffers: list[memoryview], offset: int) -> None:
             buffers[i] = buffers[i][written:]
 
 
-def _split(buffers: list[memoryview], parts: int) -> list[tuple[int, list[memoryview]]]:
-    """Cut the byte stream of `buffers` into `parts` runs of about equal size: (offset, buffers)."""
-    total = sum(len(b) for b in buffers)
-    step = -(-total // parts)
-    runs: list[tuple[int, list[memoryview]]] = [(0, [])]
-    offset, room = 0, step
-    for b in buffers:
-        while len(b) > room:
-            if room:
-                runs[-1][1].append(b[:room])
-            b, offset = b[room:], offset + room
-            runs.append((offset, []))
-            room = step
-        if len(b):
-            runs[-1][1].append(b)
-            offset, room = offset + len(b), room - len(b)
-    return [r for r in runs if r[1]]
+def write_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Write `tensors` (see `supported`) as the safetensors file `path`; raises OSError on I/O errors.
 
-
-def _write_parallel(fd: int, buffers: list[memoryview], threads: int) -> None:
-    """Several threads write disjoint ranges of one file at once: copying into the page cache
-    is CPU work, and one thread leaves the memory bandwidth of a many-core host idle."""
-    runs = _split(buffers, threads)
-    errors: list[BaseException] = []
-
-    def run(offset: int, part: list[memoryview]) -> None:
-        try:
-            _pwritev_all(fd, part, offset)
-        except BaseException as e:  # raised below, in the caller's thread
-            errors.append(e)
-
-    workers = [threading.Thread(target=run, args=run_args, name="quantship-pwrite") for run_args in runs[1:]]
-    for w in workers:
-        w.start()
-    run(*runs[0])
-    for w in workers:
-        w.join()
-    if errors:
-        raise errors[0]
-
-
-def write_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None,
-               threads: int | None = None) -> None:
-    """Write `tensors` (see `supported`) as the safetensors file `path`; raises OSError on I/O
-    errors. Files over `PARALLEL_BYTES` are written by `threads` threads (default: up to 4)."""
+    One thread: Linux takes a file's inode lock for each buffered write, so writers at disjoint
+    offsets of one file take turns (measured on ext4: 1, 2 and 4 threads all ~3 GB/s)."""
     head, order = layout(tensors, metadata)
     buffers = [memoryview(head)]
     buffers += [_bytes_of(tensors[n]) for n in order if tensors[n].numel()]
-    total = sum(len(b) for b in buffers)
-    if threads is None:
-        threads = min(4, os.cpu_count() or 1) if total >= PARALLEL_BYTES else 1
     with open(path, "wb", buffering=0) as f:
-        if threads > 1:
-            _write_parallel(f.fileno(), buffers, threads)
-        else:
-            _pwritev_all(f.fileno(), buffers, 0)
+        _pwritev_all(f.fileno(), buffers, 0)
 
 
 def canonical_metadata_order(path: Path) -> None:
