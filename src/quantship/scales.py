@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from quantship.calibration.amax import absmax, per_expert_absmax
 from quantship.calibration.observers import CalibrationStats, ExpertCoverage
 from quantship.errors import QuantshipError
 from quantship.formats.exact import div_const
@@ -137,7 +138,7 @@ def build_plan(structure: ModelStructure, recipe: Recipe, kv_format: KVCacheForm
             if e is not None and cov is not None:
                 fallback = cov.fallback[e]
         w = t.module.weight.detach()
-        targets.append(QuantTarget(t.name, w, t.role, False, w.abs().amax().float(),
+        targets.append(QuantTarget(t.name, w, t.role, False, absmax(w),
                                    _resolved_input_amax(t.name, stats, fallback)))
 
     for block in structure.moe_blocks:
@@ -149,7 +150,7 @@ def build_plan(structure: ModelStructure, recipe: Recipe, kv_format: KVCacheForm
             key = f"{fe.name}.{param}"
             w = getattr(fe.module, param).detach()
             _check_divisible(key, w, handler)
-            targets.append(QuantTarget(key, w, "expert", True, w.abs().amax(dim=(1, 2)).float(),
+            targets.append(QuantTarget(key, w, "expert", True, per_expert_absmax(w),
                                        _resolved_input_amax(key, stats, cov.fallback)))
 
     _share_within_fused_groups(targets)

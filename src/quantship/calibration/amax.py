@@ -21,6 +21,16 @@ def absmax(x: torch.Tensor) -> torch.Tensor:
     return x.abs().amax().float()
 
 
+def per_expert_absmax(weight: torch.Tensor, chunk_bytes: int = 256 * 1024**2) -> torch.Tensor:
+    """``|w|.amax(dim=(1, 2))`` of a fused [E, rows, cols] expert tensor as float32, a chunk of
+    experts at a time: ``w.abs()`` of a DeepSeek-V3 gate_up tensor is a 15 GB temporary, more
+    than half a decoder layer, on the GPU that holds the layer (issue 4's memory bound)."""
+    weight = weight.detach()
+    step = max(1, chunk_bytes // max(1, weight[0].numel() * weight.element_size()))
+    parts = [weight[e0 : e0 + step].abs().amax(dim=(1, 2)) for e0 in range(0, weight.shape[0], step)]
+    return torch.cat(parts).float()
+
+
 def max_into(store: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
     """``store[key] = max(store[key], value)`` elementwise, creating the entry on first use."""
     value = value.detach().float()

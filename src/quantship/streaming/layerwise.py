@@ -128,11 +128,16 @@ class LayerwiseRun:
     @contextlib.contextmanager
     def _phase(self, name: str) -> Iterator[None]:
         start = time.perf_counter()
+        cuda = self.device.type == "cuda"
+        peak_before = torch.cuda.max_memory_allocated(self.device) if cuda else 0
         try:
             yield
         finally:
-            if self.device.type == "cuda":
+            if cuda:
                 torch.cuda.synchronize(self.device)
+                peak = torch.cuda.max_memory_allocated(self.device)
+                if peak > peak_before:  # which phase set the run's GPU peak (bench/scale.py)
+                    self.timings[f"peak_gpu_bytes_{name}"] = peak
             self.timings[name] += time.perf_counter() - start
 
     # ------------------------------------------------------------------ sections
