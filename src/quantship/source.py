@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from quantship.calibration.amax import all_finite
 from quantship.errors import QuantshipError
 from quantship.model.discover import SUPPORTED_ARCHITECTURES
 
@@ -39,7 +40,7 @@ def check_model_dir(path: str) -> None:
 
 def check_finite(model: nn.Module) -> None:
     for name, p in model.named_parameters():
-        if p.is_floating_point() and not torch.isfinite(p).all():
+        if p.is_floating_point() and not all_finite(p):
             raise QuantshipError(f"source weight {name} contains NaN or inf; fix or re-export the source model")
 
 

@@ -20,3 +20,16 @@ def test_per_expert_absmax_equals_float64(chunk_bytes: int, dtype: torch.dtype) 
     got = per_expert_absmax(w, chunk_bytes)
     assert got.dtype == torch.float32 and got.shape == (9,)
     assert torch.equal(got.double(), expected)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("where", [0, 517, -1])
+def test_all_finite_finds_one_bad_element_in_any_chunk(bad: float, where: int) -> None:
+    from quantship.calibration.amax import all_finite
+
+    t = torch.randn(33, 31, dtype=torch.bfloat16)
+    assert all_finite(t, chunk_elems=100)
+    t.view(-1)[where] = bad
+    assert not all_finite(t, chunk_elems=100)
+    assert not all_finite(t)
+    assert all_finite(torch.empty(0, 4))

@@ -31,6 +31,17 @@ def per_expert_absmax(weight: torch.Tensor, chunk_bytes: int = 256 * 1024**2) ->
     return torch.cat(parts).float()
 
 
+def all_finite(tensor: torch.Tensor, chunk_elems: int = 1 << 26) -> bool:
+    """Whether every element is finite, reading ``tensor`` once in chunks. ``torch.isfinite(t)``
+    is ``(t == t) * (t.abs() != inf)``: three temporaries, 30 GB for one DeepSeek-V3 gate_up
+    tensor, which made loading a layer the GPU peak of ``--streaming`` (bench/scale.py)."""
+    flat = tensor.detach().reshape(-1)
+    if flat.numel() == 0:
+        return True
+    maxima = torch.stack([absmax(flat[i : i + chunk_elems]) for i in range(0, flat.numel(), chunk_elems)])
+    return bool(torch.isfinite(maxima).all())
+
+
 def max_into(store: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
     """``store[key] = max(store[key], value)`` elementwise, creating the entry on first use."""
     value = value.detach().float()

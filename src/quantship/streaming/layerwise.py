@@ -27,6 +27,7 @@ from accelerate.utils import set_module_tensor_to_device
 from tqdm.auto import tqdm
 
 from quantship import __version__, report
+from quantship.calibration.amax import all_finite
 from quantship.calibration.observers import CalibrationStats, Calibrator, ExpertCoverage
 from quantship.errors import QuantshipError
 from quantship.export import compressed_tensors
@@ -184,7 +185,7 @@ class LayerwiseRun:
         self.model.tie_weights()  # moving replaced the tied Parameter
         state = {n: t for n, t in self.model.state_dict().items() if section_of(n, self.layer_set) == OUTSIDE}
         for name, t in state.items():
-            if t.is_floating_point() and not torch.isfinite(t).all():
+            if t.is_floating_point() and not all_finite(t):
                 raise QuantshipError(f"source weight {name} contains NaN or inf; fix or re-export the source model")
         plan = QuantPlan(self.recipe, self.kv_format, self.handler, [], self.excluded, {}, {})
         if self.resumed and self.ranks.is_main:

@@ -23,6 +23,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers import initialization as hf_init
 
+from quantship.calibration.amax import all_finite
 from quantship.errors import QuantshipError
 from quantship.model.discover import SUPPORTED_ARCHITECTURES
 from quantship.source import check_model_dir
@@ -54,7 +55,7 @@ def free(module: nn.Module) -> None:
 
 def check_finite(module: nn.Module, prefix: str) -> None:
     for name, p in module.named_parameters():
-        if p.is_floating_point() and not torch.isfinite(p).all():
+        if p.is_floating_point() and not all_finite(p):
             raise QuantshipError(f"source weight {prefix}.{name} contains NaN or inf; fix or re-export the source model")
 
 
