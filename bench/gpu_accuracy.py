@@ -4,6 +4,7 @@ calibration windows and the same held-out eval windows, plus FP8 options.
 
     python -P bench/gpu_accuracy.py --device cuda --out $OUT --mirror /tmp/qs-gpu          # first call
     python -P bench/gpu_accuracy.py --device cuda --out $OUT --resume /tmp/qs-gpu/accuracy-gpu.json
+    python -P bench/gpu_accuracy.py --render-only bench/results/<date>-<device>-accuracy.json  # markdown again
 
 Why one driver: a device command is killed at 10 minutes. Stages run in the order of what the
 issues' goals need, each checks the time left before it (and before each of its steps) and
@@ -42,7 +43,7 @@ def _bench(name: str):
 
 
 acc = _bench("accuracy")  # also puts tests/ (the MoEfication builder) on the path
-report_md = _bench("accuracy_report")
+report = _bench("gpu_accuracy_report")
 gq = _bench("gptq")
 
 from transformers import AutoTokenizer  # noqa: E402
@@ -144,7 +145,7 @@ class Run:
     def save(self) -> None:
         self.results["calls"][-1]["seconds"] = time.time() - self.start
         text = json.dumps(self.results, indent=1)
-        md = "\n".join(markdown(self.results)) + "\n"
+        md = report.render(self.results)
         for d in filter(None, (self.args.out, self.args.mirror)):
             d.mkdir(parents=True, exist_ok=True)
             (d / "accuracy-gpu.json").write_text(text)
@@ -397,56 +398,6 @@ def fp8_options(run: Run) -> None:
         run.save()
 
 
-# ------------------------------------------------------------------------------------ report
-def _f(x, d: int = 4) -> str:
-    return "—" if x is None else f"{x:.{d}f}"
-
-
-def markdown(r: dict) -> list[str]:
-    lines = [f"# Accuracy on {r.get('device_name')} ({r.get('date')}, torch {r.get('torch')})", "",
-             f"Model {r.get('model')} (SmolLM2 fingerprint match: {r.get('model_is_smollm2')}; token windows as on the "
-             f"CPU: {r.get('token_ids_match_cpu_default_sizes')}); calibration "
-             f"{r.get('calib_sizes')} windows of {r.get('calib_seq_len')} tokens; eval {r.get('eval_windows')} x "
-             f"{r.get('eval_seq_len')} held-out tokens; BF16 perplexity {_f(r.get('bf16_perplexity'))}.", "",
-             "| stage | status | s |", "|---|---|---|"]
-    lines += [f"| {k} | {v['status']} | {v.get('seconds', 0):.0f} |" for k, v in r.get("stages", {}).items()]
-    if r.get("not_run_for_time"):
-        lines += ["", "Not run (time budget): " + ", ".join(r["not_run_for_time"])]
-    if r.get("dense"):
-        lines += ["", "## Issue 5: dense", ""] + report_md.dense_table(r)
-        lines += ["", "| format | calib | MO in-memory ratio (its own fake quant) | MO calibrate s | MO export s |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {x['format']} | {x['calib_size']} | {_f(x.get('modelopt_inmemory_ratio'))} | "
-                  f"{_f(x.get('modelopt_calibrate_seconds'), 1)} | {_f(x.get('modelopt_export_seconds'), 1)} |"
-                  for x in r["dense"]]
-    if r.get("moe", {}).get("amax_log2_error"):
-        lines += ["", "## Issue 5: MoEfied SmolLM2", ""] + report_md.moe_tables(r)
-    for key, title in (("gptq", "Issue 10: GPTQ, SmolLM2"), ("gptq_moe", "Issue 10: GPTQ, MoEfied SmolLM2")):
-        sec = r.get(key)
-        if not sec or not sec.get("runs"):
-            continue
-        fwd = sec.get("layer_forward_seconds")
-        lines += ["", f"## {title}", "", f"Round-to-nearest ratios: {json.dumps({k: round(v, 4) for k, v in sec.get('rtn_ratio', {}).items()})}"
-                  + (f"; one decoder layer's forward over the calibration windows: {fwd * 1e3:.2f} ms" if fwd else ""), "",
-                  "| variant | ratio | RTN ratio | gap / RTN gap | median err / RTN | s | s/layer collect / gptq / propagate "
-                  "| layer forwards: GPTQ / all three | RTN kept |", "|---|---|---|---|---|---|---|---|---|"]
-        for spec, e in sec["runs"].items():
-            if "error" in e:
-                lines.append(f"| `{spec}` | {e['error'][:80]} | | | | | | | |")
-                continue
-            rtn = sec.get("rtn_ratio", {}).get(e["recipe"])
-            gap = (e["ratio"] - 1) / (rtn - 1) if rtn and rtn > 1 else None
-            s = e["mean_seconds_per_layer"]
-            kept = len(e["rtn_kept_linears"]) + sum(len(v) for v in e["rtn_kept_experts"].values())
-            lines.append(f"| `{spec}` | {_f(e['ratio'])} | {_f(rtn)} | {_f(gap, 3)} | {_f(e['median_error_ratio_vs_rtn'], 3)} | "
-                         f"{e['gptq_seconds']:.1f} | {s['collect']:.3f} / {s['gptq']:.3f} / {s['propagate']:.3f} | "
-                         f"{_f(s['gptq'] / fwd, 0) if fwd else '—'} / {_f(sum(s.values()) / fwd, 0) if fwd else '—'} | {kept} |")
-    if r.get("fp8_options"):
-        lines += ["", f"## FP8 options ({min(r.get('calib_sizes') or [0])} windows; ratio to BF16)", "", "| option | ratio |", "|---|---|"]
-        lines += [f"| {k} | {_f(v)} |" for k, v in r["fp8_options"].items()]
-    return lines
-
-
 # ------------------------------------------------------------------------------------ main
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -466,10 +417,17 @@ def main() -> None:
                    "min_tokens_per_dim=0.01)")
     p.add_argument("--budget-s", type=float, default=500, help="no step starts past this many seconds")
     p.add_argument("--work", type=Path, default=Path("/tmp/qs-gpu-work"))
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, default=None, help="where the JSON and markdown go (required unless --render-only)")
     p.add_argument("--mirror", type=Path, default=None, help="a second copy of the outputs (for --resume)")
     p.add_argument("--resume", default=None, help="a previous call's JSON: run only what it lacks")
+    p.add_argument("--render-only", type=Path, default=None, metavar="JSON",
+                   help="rewrite the markdown next to a saved JSON (same name, .md) and stop: no device, no model")
     args = p.parse_args()
+    if args.render_only:
+        print(report.render_file(args.render_only))
+        return
+    if args.out is None:
+        p.error("--out is required (unless --render-only)")
     args.formats = args.formats.split(",")
     args.sizes = sorted(int(s) for s in args.calib_sizes.split(","))
     args.gptq_extra = gq.parse_variant("x:gptq:" + args.gptq_extra)[2] if args.gptq_extra else {}
