@@ -193,17 +193,25 @@ class SourceCheckpoint:
         """The dtype `dequantized(name, dtype)` returns."""
         return dtype if name in self._modules else SAFETENSORS_DTYPES[self._stored[self._check(name)][0]]
 
-    def dequantized(self, name: str, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    def read_stored(self, name: str) -> dict[str, Tensor]:
+        """The stored (still quantized) tensors that make up `name`, read into memory: what
+        `dequantized(name, stored=...)` needs, at the source's size (FP8: half of BF16)."""
+        return {s: self._handle(self._file_of[s]).get_tensor(s) for s in self.stored_names(name)}
+
+    def dequantized(self, name: str, dtype: torch.dtype = torch.bfloat16,
+                    stored: dict[str, Tensor] | None = None) -> Tensor:
         """The tensor `name` of the BF16 twin: a quantized weight rebuilt in `dtype` (by the source
-        format's published formula, a stripe of rows at a time), any other tensor as stored."""
+        format's published formula, a stripe of rows at a time), any other tensor as stored.
+        `stored`: its stored tensors already read (`read_stored`), else they are read from disk."""
         if name not in self._modules:
-            stored = self._check(name)
-            return self._handle(self._file_of[stored]).get_tensor(stored)
+            key = self._check(name)
+            return stored[key] if stored is not None and key in stored else \
+                self._handle(self._file_of[key]).get_tensor(key)
         layout, module = self._modules[name]
         shape = self.shape(name)
-        params = {**self._params, "shape": shape, "zero_point": self._zero_point(module, shape)}
+        params = {**self._params, "shape": shape, "zero_point": self._zero_point(module, shape, stored)}
         out = torch.empty(shape, dtype=dtype)
-        read = self._reader(module)
+        read = self._reader(module, stored)
         try:
             for r0 in range(0, shape[0], layout.stripe_rows):
                 r1 = min(r0 + layout.stripe_rows, shape[0])
@@ -219,27 +227,30 @@ class SourceCheckpoint:
             raise KeyError(f"{name} is not a tensor of {self.path}")
         return name
 
-    def _reader(self, module: str):
+    def _reader(self, module: str, stored: dict[str, Tensor] | None = None):
         def read(leaf: str, r0: int | None, r1: int | None) -> Tensor:
-            stored = f"{module}.{leaf}"
-            handle = self._handle(self._file_of[stored])
+            key = f"{module}.{leaf}"
+            if stored is not None and key in stored:
+                return stored[key] if r0 is None else stored[key][r0:r1]
+            handle = self._handle(self._file_of[key])
             if r0 is None:
-                return handle.get_tensor(stored)
-            return handle.get_slice(stored)[r0:r1]
+                return handle.get_tensor(key)
+            return handle.get_slice(key)[r0:r1]
         return read
 
-    def _zero_point(self, module: str, shape: tuple[int, ...]) -> Tensor | None:
+    def _zero_point(self, module: str, shape: tuple[int, ...], raw: dict[str, Tensor] | None = None) -> Tensor | None:
         """Asymmetric INT schemes: the unpacked zero points (group/channel strategies pack them along
         dim 0 as int32; the tensor strategy stores one int8), cached for the tensor being read."""
         stored = f"{module}.weight_zero_point"
         if stored not in self._stored or self._modules[f"{module}.weight"][0] is not layouts.INT_PACKED:
             return None
-        if stored not in self._zero_points:
-            zp = self._handle(self._file_of[stored]).get_tensor(stored)
-            if zp.dtype == torch.int32:
-                zp = unpack_zero_point(zp, self._params["num_bits"], shape[0])
-            self._zero_points = {stored: zp}
-        return self._zero_points[stored]
+        cached = self._zero_points.get(stored)  # one entry, replaced whole: safe across loader threads
+        if cached is None:
+            cached = self._reader(module, raw)("weight_zero_point", None, None)
+            if cached.dtype == torch.int32:
+                cached = unpack_zero_point(cached, self._params["num_bits"], shape[0])
+            self._zero_points = {stored: cached}
+        return cached
 
     def _handle(self, f: Path):
         if f not in self._handles:

@@ -123,7 +123,7 @@ class LayerwiseRun:
                                           "activation_bytes": 0, "pending_bytes": 0}
         self._saves: list[Future] = []
         self._pool = ThreadPoolExecutor(max_workers=1)  # activation files written while the GPU works
-        self._reader = ThreadPoolExecutor(max_workers=1)  # the next layer read while this one runs
+        self._reader = ThreadPoolExecutor(max_workers=1)  # the next layer's raw bytes (GPU runs)
         self._next: Future | None = None
 
     @contextlib.contextmanager
@@ -212,11 +212,14 @@ class LayerwiseRun:
         """Calibrate, plan, quantize and write decoder layer k; hidden[i] becomes its output."""
         name, layer = self.structure.decoder_layers[k]
         with self._phase("load"):
-            # Read layer k+1 from disk while layer k computes and writes.
-            tensors = self._next.result() if self._next is not None else self.source.read_section(name)
-            nxt = k + 1 < len(self.layer_names)
-            self._next = self._reader.submit(self.source.read_section, self.layer_names[k + 1]) if nxt else None
-            self.source.load_section(self.model, name, self.device, tensors)
+            # On the GPU, layer k+1's stored bytes (still FP8/INT4) are read while layer k computes
+            # and writes; each tensor is dequantized when placed. On the CPU the parameters share
+            # host memory with a read-ahead, so tensors are read when placed: peak ~ one layer.
+            raw = self._next.result() if self._next is not None else None
+            ahead = self.device.type == "cuda" and k + 1 < len(self.layer_names)
+            self._next = self._reader.submit(self.source.read_raw, self.layer_names[k + 1]) if ahead else None
+            self.source.load_section(self.model, name, self.device, self.source.section(name, raw))
+            del raw
             layer.to(self.device)  # non-persistent buffers
             check_finite(layer, name)
         part = layer_structure(self.structure, name)

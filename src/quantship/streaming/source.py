@@ -124,6 +124,53 @@ def _quiet_transformers_progress() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+class LazySection:
+    """One section's checkpoint tensors, each read (from `raw` when read ahead, else from disk) and
+    dequantized only when taken with `pop`, and held by nobody after: a layer's BF16 source copy
+    never exists whole. Raw tensors are dropped as their weight is taken."""
+
+    def __init__(self, reader: SourceCheckpoint, keys: list[str], dtype: torch.dtype,
+                 raw: dict[str, torch.Tensor] | None = None):
+        self.reader, self.dtype, self.raw = reader, dtype, raw
+        self._keys = dict.fromkeys(keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._keys))
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def pop(self, key: str) -> torch.Tensor:
+        del self._keys[key]
+        t = self.reader.dequantized(key, self.dtype, self.raw)
+        if self.raw is not None:
+            for stored in self.reader.stored_names(key):
+                self.raw.pop(stored, None)
+        return t
+
+    def materialized(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for key in self:
+            yield key, self.pop(key)
+
+    def deferred(self) -> Iterator[tuple[str, _Deferred]]:
+        """(key, a slice-like whose `[...]` pops it): how transformers' loader takes safetensors slices."""
+        for key in self:
+            yield key, _Deferred(self, key)
+
+
+class _Deferred:
+    """A tensor read when indexed, as transformers' loader indexes the safetensors slices it is given."""
+
+    def __init__(self, section: LazySection, key: str):
+        self.section, self.key = section, key
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return self.section.pop(self.key)[index]
+
+
 class LayerSource:
     """A HF model folder's tensors, grouped by section and loaded into a skeleton on demand."""
 
@@ -188,28 +235,43 @@ class LayerSource:
     def section_bytes(self, section: str, dtype: torch.dtype = torch.bfloat16) -> int:
         return sum(self.tensor_bytes(k, dtype) for k in self._sections.get(section, []))
 
-    def read_section(self, section: str) -> dict[str, torch.Tensor]:
-        """The section's checkpoint tensors on the CPU, each read (or dequantized) once. Runs in
-        a background thread for the next layer while the current one computes."""
+    def read_raw(self, section: str) -> dict[str, torch.Tensor]:
+        """The section's stored tensors as they are on disk (FP8 / packed INT4 still quantized:
+        half or a quarter of BF16). The GPU run reads the next layer so in a background thread."""
+        out: dict[str, torch.Tensor] = {}
+        for k in self._sections.get(section, []):
+            out.update(self.reader.read_stored(k))
+        return out
+
+    def section(self, section: str, raw: dict[str, torch.Tensor] | None = None) -> LazySection:
+        """The section's checkpoint tensors, each read (or dequantized) when taken; `raw` from `read_raw`."""
         dtype = self._load_config.dtype if self._load_config else torch.bfloat16
-        return {k: self.reader.dequantized(k, dtype) for k in self._sections.get(section, [])}
+        return LazySection(self.reader, self._sections.get(section, []), dtype, raw)
+
+    def read_section(self, section: str) -> dict[str, torch.Tensor]:
+        """The section's checkpoint tensors on the CPU, all dequantized at once (a whole layer in BF16)."""
+        return dict(self.section(section).materialized())
 
     def load_section(self, model: nn.Module, section: str, device: torch.device | str = "cpu",
-                     tensors: dict[str, torch.Tensor] | None = None) -> None:
-        """Load one section into the (meta) model on `device`; `tensors` from `read_section`.
+                     tensors: LazySection | dict[str, torch.Tensor] | None = None) -> None:
+        """Load one section into the (meta) model on `device`; `tensors` from `section` (default)
+        or `read_section`.
 
         Where transformers' conversion for the section only renames tensors and stacks or
-        concatenates them along rows (every model here), each checkpoint tensor is copied
-        straight into its rows of the parameter on `device`: nothing is held twice. Otherwise
-        transformers' own loader converts on the CPU and the section is moved after.
+        concatenates them along rows (every model here), each checkpoint tensor is read and
+        dequantized only when it is copied into its rows of the parameter on `device`, then
+        dropped: the host holds the new parameters and one source tensor. Otherwise transformers'
+        own loader converts on the CPU (reading each tensor as it asks) and the section is moved after.
         """
         assert self._load_config is not None, "call prepare() first"
-        tensors = self.read_section(section) if tensors is None else tensors
+        tensors = self.section(section) if tensors is None else tensors
         plan = row_plan(model, section, set(self._sections.get(section, [])))
         if plan is not None and section != OUTSIDE:
             for name, mapping in plan.items():
                 _place(model, name, mapping, tensors, device, self._target_dtype(model, name))
             return
+        if isinstance(tensors, LazySection):
+            tensors = dict(tensors.deferred())
         with _quiet_transformers_progress():
             info, _ = convert_and_load_state_dict_in_model(model, tensors, self._load_config)
         if info.mismatched_keys:
