@@ -124,14 +124,16 @@ def all_token_down_input_amax(
 
     The fallback statistic for experts that calibration routed too few tokens to: computed
     on the side, so the block's output is unchanged. Experts are processed in chunks to keep
-    the [experts, tokens, 2I] intermediate bounded.
+    both the [experts, tokens, 2I] intermediate and the gathered [experts, 2I, H] weights
+    bounded (with few stashed tokens, one chunk once gathered every cold expert: a copy of the
+    whole gate_up tensor, most of a decoder layer).
     """
     result = torch.zeros(len(experts), dtype=torch.float32, device=hidden.device)
     if not experts:
         return result
-    if chunk_elems is None:  # the intermediate's size: 128 MiB of bf16 on CPU, 512 MiB on a GPU
+    if chunk_elems is None:  # the larger of the two: 128 MiB of bf16 on CPU, 512 MiB on a GPU
         chunk_elems = 1 << (28 if hidden.is_cuda else 26)
-    per_expert = hidden.shape[0] * fe.gate_up.shape[1]
+    per_expert = max(hidden.shape[0], fe.gate_up.shape[2]) * fe.gate_up.shape[1]
     step = max(1, chunk_elems // max(per_expert, 1))
     ids = torch.tensor(experts, device=hidden.device)
     for i in range(0, len(experts), step):
