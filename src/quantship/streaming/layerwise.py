@@ -48,6 +48,12 @@ from quantship.streaming.source import LayerSource
 KILL_ENV = "QUANTSHIP_TEST_KILL_AFTER_LAYER"  # tests: SIGKILL this process once layer N is journaled
 
 
+def reads_ahead(device: torch.device) -> bool:
+    """Read the next layer's stored bytes during this one: on the GPU only, where the parameters
+    do not share host memory with them (tests force it on the CPU)."""
+    return device.type == "cuda"
+
+
 def layer_structure(structure: ModelStructure, layer: str) -> ModelStructure:
     """The part of `structure` under one decoder layer: what its calibration and plan cover."""
     def under(name: str) -> bool:
@@ -216,7 +222,7 @@ class LayerwiseRun:
             # and writes; each tensor is dequantized when placed. On the CPU the parameters share
             # host memory with a read-ahead, so tensors are read when placed: peak ~ one layer.
             raw = self._next.result() if self._next is not None else None
-            ahead = self.device.type == "cuda" and k + 1 < len(self.layer_names)
+            ahead = reads_ahead(self.device) and k + 1 < len(self.layer_names)
             self._next = self._reader.submit(self.source.read_raw, self.layer_names[k + 1]) if ahead else None
             self.source.load_section(self.model, name, self.device, self.source.section(name, raw))
             del raw
