@@ -12,6 +12,9 @@ Next to the target, in `.quantship-stream-<target name>/`:
   from the source again, as it must anyway.
 - `acts/L<k>/b<j>.safetensors`: the hidden states entering layer k, per calibration batch j.
 A journal for a different command is discarded; once the export is in place the folder goes.
+Before the finished export is moved into place, the journal records its files (`published`: name ->
+size, mtime, inode, which a rename keeps): a run killed after the move but before the folder went
+finds the target holding exactly those files and only removes the folder (`WorkDir.holds_published`).
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ class JournalState:
     mtp: dict = field(default_factory=dict)  # the quantized MTP layer's report once written (sources.mtp)
     targets: list = field(default_factory=list)  # [key, role, fused_experts, shape]
     tokens_seen: int = 0
+    published: dict = field(default_factory=dict)  # the finished export's files, recorded before publish
 
 
 class WorkDir:
@@ -80,7 +84,9 @@ class WorkDir:
         resumed = False
         if self.ranks.is_main:
             state = self._read()
-            if state is not None and state.fingerprint == fingerprint and state.format == FORMAT:
+            # Published (the staging folder moved away) into a target changed or removed since: start over.
+            gone = state is not None and state.published and not self.staging.is_dir() and not self.holds_published(state)
+            if state is not None and state.fingerprint == fingerprint and state.format == FORMAT and not gone:
                 resumed = True
             else:
                 if self.root.exists():
@@ -153,9 +159,26 @@ class WorkDir:
                 if f"pending/{f.name}" not in kept:
                     f.unlink(missing_ok=True)
 
+    def holds_published(self, state: JournalState | None = None) -> bool:
+        """Whether the target is the finished export of this journal (`state`, else the one on
+        disk), already moved into place."""
+        state = self._read() if state is None else state
+        return state is not None and bool(state.published) and listing(self.target) == state.published
+
     def remove(self) -> None:
         if self.ranks.is_main:
             shutil.rmtree(self.root, ignore_errors=True)
+
+
+def listing(folder: Path) -> dict[str, list[int]]:
+    """{file name: [size, mtime_ns, inode]} of a folder's files ({} if it is not a folder)."""
+    if not folder.is_dir():
+        return {}
+    out = {}
+    for f in sorted(folder.iterdir()):
+        st = f.stat()
+        out[f.name] = [st.st_size, st.st_mtime_ns, st.st_ino]
+    return out
 
 
 def publish(staging: Path, target: Path, overwrite: bool) -> None:

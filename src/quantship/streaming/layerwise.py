@@ -41,11 +41,11 @@ from quantship.scales import QuantPlan, QuantTarget, build_plan, excluded_module
 from quantship.sources.extras import find_extras
 from quantship.sources.mtp import MTPQuantizer
 from quantship.streaming.distributed import Ranks
-from quantship.streaming.journal import WorkDir, batches_digest, digest, publish
+from quantship.streaming.journal import WorkDir, batches_digest, digest, listing, publish
 from quantship.streaming.skeleton import build_skeleton, capture_layer_calls, check_finite, free
 from quantship.streaming.source import LayerSource
 
-KILL_ENV = "QUANTSHIP_TEST_KILL_AFTER_LAYER"  # tests: SIGKILL this process once layer N is journaled
+KILL_ENV = "QUANTSHIP_TEST_KILL_AFTER_LAYER"  # tests: SIGKILL once layer N is journaled, or "publish"d
 
 
 def reads_ahead(device: torch.device) -> bool:
@@ -122,6 +122,12 @@ class LayerwiseRun:
             "calibration": batches_digest(batches), **({"quantize_mtp": True} if quantize_mtp else {}),
         })
         self.state, self.resumed = self.work.open(fingerprint)
+        # Killed after publishing, before the work folder went: the target is this command's export.
+        self.complete = bool(self.ranks.broadcast(self.resumed and self.ranks.is_main
+                                                  and self.work.holds_published(self.state)))
+        if not self.complete and self.ranks.is_main and target.exists() and not overwrite:
+            self.work.remove()  # a published journal of another command: its export stays, as it is
+            raise QuantshipError(f"export path {target} already exists; choose another path or pass --overwrite")
         self.writer = SectionShardWriter(self.work.staging, max_shard_bytes, metadata={"producer": "quantship"})
         self.mine = self.ranks.mine(len(batches))
         # Seconds per phase and extra bytes written, for bench/scale.py and the curious.
@@ -316,13 +322,31 @@ class LayerwiseRun:
             self.extra.write_report(self.work.staging)
             if self.mtp is not None:
                 self.mtp.write_report(self.work.staging, self.state.mtp)
+            self.state.published = listing(self.work.staging)  # how the next run knows it is done
+            self.work.save(self.state)
             publish(self.work.staging, self.target, self.overwrite)
+            if os.environ.get(KILL_ENV) == "publish":
+                os.kill(os.getpid(), signal.SIGKILL)
             self.work.remove()
         self.extra.close()
         if self.mtp is not None:
             self.mtp.close()
         self.source.close()
         self.ranks.barrier()
+
+    def close_complete(self) -> None:
+        """The target already holds this command's finished export: remove the work folder only."""
+        self._pool.shutdown()
+        self._reader.shutdown()
+        self.work.remove()
+        self.extra.close()
+        if self.mtp is not None:
+            self.mtp.close()
+        self.source.close()
+        self.ranks.barrier()
+        if self.progress:
+            print(f"{self.target} already holds this command's finished export (an earlier run stopped "
+                  "after publishing it); removed its work folder")
 
     def _restore_partial_names(self) -> None:
         """A run killed inside `close()` left some shards under final names: name them back."""
@@ -359,13 +383,16 @@ def stream_quantize(model_dir: str | Path, recipe: str | Recipe = "nvfp4",
     if not batches:
         raise QuantshipError("calibration data is empty; pass a --dataset with text or raise --calib-size")
     target = Path(export)
-    if Ranks.current().is_main:
-        check_target(target, overwrite)
+    if Ranks.current().is_main:  # an export this command published (its run killed before cleanup) may stay
+        check_target(target, overwrite or WorkDir(target, Ranks.current()).holds_published())
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     run = LayerwiseRun(Path(model_dir), recipe, kv_format, batches, target, exclude=list(exclude),
                        moe_min_tokens=moe_min_tokens, trust_remote_code=trust_remote_code, device=device,
                        export_format=export_format, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
                        progress=progress, dtype=dtype, activation_budget=activation_budget, quantize_mtp=quantize_mtp)
+    if run.complete:
+        run.close_complete()
+        return target
     first_hidden, calls = run.outside()
     start = run.state.next_layer
     n = len(run.layer_names)
