@@ -13,6 +13,11 @@ BF16) and the quantization temporaries of one chunk: 1.43 layers here above the 
 layer ran). Chunk sizes are scaled to
 this model as a real DeepSeek-V3 layer (~22 GB) sees them, so a chunk stays a small part of a layer.
 
+The same harness runs the source's BF16 twin (the same weights, dequantized and stored as BF16) first:
+the FP8 source's per-layer peak must not exceed the twin's by more than one dequantized source tensor
+in flight — reading a quantized source costs no memory beyond the dequantized layer itself (measured:
++0.00 MB; both 1.43 layers), and both exports are byte-identical.
+
 Drift across layers is the export's per-tensor bookkeeping, not tensor data (tracemalloc: the exported
 names held by the shard writer's duplicate check and index, and the journal's target list; Python sets and
 dicts grow in power-of-two steps, ~1 MB at a time): ~0.2 MB per layer of ~800 tensors here, ~0.5 MB per
@@ -30,6 +35,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import init_empty_weights
+from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 from transformers.core_model_loading import revert_weight_conversion
@@ -38,7 +44,7 @@ import quantship.streaming.layerwise as layerwise
 from quantship.calibration import amax
 from quantship.export import sections
 from quantship.model import experts
-from sources.helpers import _fp8_target, write_byte_tokenizer
+from sources.helpers import _fp8_target, fp8_block_reference, write_byte_tokenizer
 
 from tiny_models import tiny_config
 
@@ -84,6 +90,17 @@ def _random_fp8_source(path: Path) -> Path:
             tensors[name] = torch.ones(t.shape, dtype=torch.bfloat16) if "norm" in name else torch.zeros(t.shape)
         else:
             tensors[name] = (torch.randn(t.shape, generator=g) * 0.08).to(torch.bfloat16)
+    twin_path = path.parent / f"{path.name}-bf16-twin"  # the same weights dequantized, a plain BF16 source
+    twin = {}
+    for name, t in tensors.items():
+        if name.endswith(".weight_scale_inv"):
+            continue
+        scale = tensors.get(name.removesuffix(".weight") + ".weight_scale_inv")
+        twin[name] = fp8_block_reference(t, scale) if scale is not None else t
+    twin_path.mkdir()
+    save_file(twin, str(twin_path / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(twin_path)
+    write_byte_tokenizer(twin_path)
     path.mkdir()
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     config.quantization_config = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
@@ -93,12 +110,9 @@ def _random_fp8_source(path: Path) -> Path:
     return path
 
 
-def test_streaming_peak_memory_is_a_few_layers_not_the_model(tmp_path, monkeypatch):
-    live = _live_heap()
-    source = _random_fp8_source(tmp_path / "fp8")
-    calib = [{"input_ids": torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(i))} for i in range(2)]
-    if live is None:
-        pytest.skip("glibc mallinfo2 is not available on this platform")
+def _measure(source: Path, out: Path, calib: list, live, monkeypatch) -> tuple[dict[str, int], list, list, list]:
+    """Stream-quantize `source`; per-section dequantized sizes and each layer's live heap at start,
+    peak and end."""
     # A real DeepSeek-V3 layer is ~90x the 256 MB quantization chunk and ~170x the 64 Mi-element finiteness
     # and fallback chunks; keep those proportions (one expert a chunk, 32 Ki elements).
     monkeypatch.setattr(sections.target_tensors, "__defaults__", (1,))
@@ -139,11 +153,28 @@ def test_streaming_peak_memory_is_a_few_layers_not_the_model(tmp_path, monkeypat
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     try:
-        layerwise.stream_quantize(source, "nvfp4", calib, tmp_path / "out", device="cpu", progress=False,
+        layerwise.stream_quantize(source, "nvfp4", calib, out, device="cpu", progress=False,
                                   max_shard_bytes=2 * 1024**2)
     finally:
         done.set()
         sampler.join()
+    monkeypatch.undo()
+    return sizes, starts, peaks, ends
+
+
+def test_streaming_peak_memory_is_a_few_layers_not_the_model(tmp_path, monkeypatch):
+    live = _live_heap()
+    source = _random_fp8_source(tmp_path / "fp8")
+    calib = [{"input_ids": torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(i))} for i in range(2)]
+    if live is None:
+        pytest.skip("glibc mallinfo2 is not available on this platform")
+    # The BF16 twin first: what streaming itself holds per layer, with nothing to dequantize.
+    _, _, twin_peaks, twin_ends = _measure(source.parent / f"{source.name}-bf16-twin", tmp_path / "twin-out",
+                                           calib, live, monkeypatch)
+    sizes, starts, peaks, ends = _measure(source, tmp_path / "out", calib, live, monkeypatch)
+    shards = sorted(p.name for p in (tmp_path / "out").glob("*.safetensors"))
+    assert shards == sorted(p.name for p in (tmp_path / "twin-out").glob("*.safetensors")) and shards
+    assert all((tmp_path / "out" / n).read_bytes() == (tmp_path / "twin-out" / n).read_bytes() for n in shards)
     one_layer = max(sizes.values())
     whole = sum(sizes.values())
     activations = sum(b["input_ids"].numel() for b in calib) * 256 * 2 * 4  # hidden, output, saved copies (bf16)
@@ -159,3 +190,14 @@ def test_streaming_peak_memory_is_a_few_layers_not_the_model(tmp_path, monkeypat
     assert extra <= 1.55 * one_layer + activations  # placed parameters + quantized output + one chunk's temporaries
     assert drift <= 0.3 * one_layer  # names and journal entries; a layer kept per layer would be 9 layers
     assert total <= 0.35 * whole  # one-time costs + one layer's peak, not a growing share of the model
+    # Issue 9: reading the FP8 source costs no more than its dequantized layer: its per-layer peak
+    # is the BF16 twin's (the layer's parameters, output and chunk temporaries, the same for both)
+    # plus at most one dequantized source tensor in flight (largest: one expert's projection).
+    twin_extra = max(p - twin_ends[-1] for p in twin_peaks[2:])
+    with safe_open(source / "model.safetensors", "pt") as f:  # bf16 result + float32 product of the largest
+        names = set(f.keys())  # noqa: SIM118 (a safe_open handle has keys(), no __contains__)
+        largest_tensor = 6 * max(f.get_slice(n).get_shape()[0] * f.get_slice(n).get_shape()[1]
+                                 for n in names if n.endswith(".weight") and f"{n}_scale_inv" in names)
+    print(f"BF16 twin per layer: {twin_extra / 1e6:.1f} MB = {twin_extra / one_layer:.2f} layers; FP8 source adds "
+          f"{(extra - twin_extra) / 1e6:+.2f} MB")
+    assert extra <= twin_extra + largest_tensor + 0.02 * one_layer
