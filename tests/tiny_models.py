@@ -63,17 +63,22 @@ ALL_KINDS = ("llama", "qwen2", "qwen3", "gemma3", "qwen3_moe", "mixtral", "deeps
 MOE_KINDS = ("qwen3_moe", "mixtral", "deepseek_v3")
 
 
-def build_tiny_model(kind: str, seed: int = 0, vocab: int = VOCAB) -> torch.nn.Module:
+def model_from_config(config: PretrainedConfig, seed: int = 0) -> torch.nn.Module:
+    """A bf16 model of `config` with seeded weights: matrices N(0, 0.08), norms 1; other vectors
+    (DeepSeek's score-correction bias) keep their init, so routing stays spread."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(kind, vocab), dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, 0.08)
-            elif "norm" in name or "layernorm" in name:
+            elif "norm" in name:
                 p.fill_(1.0)
-            # Spread routing: DeepSeek's score-correction bias and router weights stay random.
     return model.eval()
+
+
+def build_tiny_model(kind: str, seed: int = 0, vocab: int = VOCAB) -> torch.nn.Module:
+    return model_from_config(tiny_config(kind, vocab), seed)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")

@@ -24,9 +24,8 @@ from compressed_tensors.compressors import BaseCompressor
 from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 from compressed_tensors.quantization.utils.helpers import calculate_qparams
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
 
-from tiny_models import tiny_config
+from tiny_models import model_from_config, tiny_config
 
 INT4_ARGS = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32,
              "dynamic": False}
@@ -38,14 +37,7 @@ def save_tiny_deepseek(path: Path, seed: int = 0) -> Path:
     tokenizer (so the folder is a complete model folder for the CLI)."""
     config = tiny_config("deepseek_v3")
     config.hidden_size, config.intermediate_size, config.num_nextn_predict_layers = 96, 192, 1
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.08)
-            elif "norm" in name:
-                p.fill_(1.0)
+    model = model_from_config(config, seed)
     model.save_pretrained(path)
     write_byte_tokenizer(path)
     _add_mtp_layer(path, config.num_hidden_layers, seed)

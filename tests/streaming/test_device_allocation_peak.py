@@ -53,7 +53,6 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from transformers import AutoModelForCausalLM
 
 import quantship.streaming.layerwise as layerwise
 from quantship.calibration import amax
@@ -63,7 +62,7 @@ from quantship.model import experts
 from quantship.streaming import source as streaming_source
 
 from .helpers import calib_batches
-from tiny_models import VOCAB, tiny_config
+from tiny_models import VOCAB, model_from_config, tiny_config
 
 
 class DeviceAllocations(TorchDispatchMode):
@@ -136,15 +135,7 @@ def _deepseek_source(path: Path) -> Path:
     config = tiny_config("deepseek_v3")
     config.hidden_size, config.intermediate_size, config.moe_intermediate_size = 256, 256, 128
     config.num_hidden_layers = 3
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.08)
-            elif "norm" in name:
-                p.fill_(1.0)
-    model.save_pretrained(path)
+    model_from_config(config, seed=0).save_pretrained(path)
     return path
 
 
