@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -38,10 +39,16 @@ def check_model_dir(path: str) -> None:
         raise QuantshipError(f"model directory {p} does not exist; pass an existing local folder with --model")
 
 
-def check_finite(model: nn.Module) -> None:
-    for name, p in model.named_parameters():
-        if p.is_floating_point() and not all_finite(p):
+def check_finite_tensors(named: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Refuse a source whose float weights hold NaN or inf (quantizing them gives NaN scales)."""
+    for name, t in named:
+        if t.is_floating_point() and not all_finite(t):
             raise QuantshipError(f"source weight {name} contains NaN or inf; fix or re-export the source model")
+
+
+def check_finite(module: nn.Module, prefix: str = "") -> None:
+    """`check_finite_tensors` over a module's parameters, named from `prefix` (a submodule's path)."""
+    check_finite_tensors((f"{prefix}.{n}" if prefix else n, p) for n, p in module.named_parameters())
 
 
 def check_float_tensors(path: str) -> None:

@@ -27,7 +27,6 @@ from accelerate.utils import set_module_tensor_to_device
 from tqdm.auto import tqdm
 
 from quantship import __version__, report
-from quantship.calibration.amax import all_finite
 from quantship.calibration.observers import CalibrationStats, Calibrator, ExpertCoverage
 from quantship.errors import QuantshipError
 from quantship.export import compressed_tensors
@@ -38,11 +37,12 @@ from quantship.model.discover import ModelStructure, discover
 from quantship.pipeline import DEFAULT_MOE_MIN_TOKENS, QuantizedModel
 from quantship.recipes import KVCacheFormat, Recipe, get_kv_cache_format, get_recipe
 from quantship.scales import QuantPlan, QuantTarget, build_plan, excluded_modules
+from quantship.source import check_finite, check_finite_tensors
 from quantship.sources.extras import find_extras
 from quantship.sources.mtp import MTPQuantizer
 from quantship.streaming.distributed import Ranks
 from quantship.streaming.journal import WorkDir, batches_digest, digest, listing, publish
-from quantship.streaming.skeleton import build_skeleton, capture_layer_calls, check_finite, free
+from quantship.streaming.skeleton import build_skeleton, capture_layer_calls, free
 from quantship.streaming.source import LayerSource
 
 KILL_ENV = "QUANTSHIP_TEST_KILL_AFTER_LAYER"  # tests: SIGKILL once layer N is journaled, or "publish"d
@@ -196,9 +196,7 @@ class LayerwiseRun:
                 set_module_tensor_to_device(self.model, name, self.device)
         self.model.tie_weights()  # moving replaced the tied Parameter
         state = {n: t for n, t in self.model.state_dict().items() if section_of(n, self.layer_set) == OUTSIDE}
-        for name, t in state.items():
-            if t.is_floating_point() and not all_finite(t):
-                raise QuantshipError(f"source weight {name} contains NaN or inf; fix or re-export the source model")
+        check_finite_tensors(state.items())
         plan = QuantPlan(self.recipe, self.kv_format, self.handler, [], self.excluded, {}, {})
         if self.resumed and self.ranks.is_main:
             self.writer.restore(self.state.writer, self.work.load_pending(

@@ -23,7 +23,6 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers import initialization as hf_init
 
-from quantship.calibration.amax import all_finite
 from quantship.errors import QuantshipError
 from quantship.model.discover import SUPPORTED_ARCHITECTURES
 from quantship.source import check_model_dir
@@ -51,12 +50,6 @@ def build_skeleton(model_dir: str | Path, trust_remote_code: bool = False,
 def free(module: nn.Module) -> None:
     """Drop a section's weights (back to the meta device) once it is written."""
     module.to("meta")
-
-
-def check_finite(module: nn.Module, prefix: str) -> None:
-    for name, p in module.named_parameters():
-        if p.is_floating_point() and not all_finite(p):
-            raise QuantshipError(f"source weight {prefix}.{name} contains NaN or inf; fix or re-export the source model")
 
 
 @dataclass
