@@ -28,18 +28,6 @@ CALIB = ["--calib-size", "12", "--calib-seq-len", "64", "--batch-size", "2", "--
          "--qformat", "nvfp4", "--kv-cache-qformat", "fp8", "--no-progress"]
 
 
-def byte_tokenizer(path: Path) -> None:
-    """256 byte-level tokens, no merges: ids fit the tiny models' vocabulary of 256."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(path)
-
-
 def same_files(a: Path, b: Path) -> list[str]:
     names = sorted(p.name for p in a.iterdir())
     if names != sorted(p.name for p in b.iterdir()):
@@ -55,7 +43,7 @@ def main() -> None:
     p.add_argument("--out", default="streaming-ranks.json")
     p.add_argument("--device", default="cuda", help="cpu: check the script itself (gloo ranks)")
     args = p.parse_args()
-    from tiny_models import save_tiny_model
+    from tiny_models import save_tiny_model, write_byte_tokenizer
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -64,7 +52,7 @@ def main() -> None:
     results = {}
     for kind in args.kinds:
         src = save_tiny_model(kind, work / kind / "src")
-        byte_tokenizer(src)
+        write_byte_tokenizer(src)
         common = ["--model", str(src), "--dataset", str(work / "calib.txt"), *CALIB, "--overwrite"]
         start = time.perf_counter()
         one = subprocess.run([sys.executable, "-m", "quantship.cli", "quantize", *common, "--device", args.device,

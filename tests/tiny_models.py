@@ -97,3 +97,15 @@ def save_tiny_model(kind: str, path: Path, seed: int = 0, tokenizer_dir: Path | 
             if (Path(tokenizer_dir) / name).is_file():
                 shutil.copy2(Path(tokenizer_dir) / name, path / name)
     return path
+
+
+def write_byte_tokenizer(path: Path) -> None:
+    """A 256-token byte-level tokenizer (no merges): real tokenizer files for the CLI, ids < 256."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(path)

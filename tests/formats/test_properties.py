@@ -67,11 +67,14 @@ def _specials(dtype: torch.dtype) -> list[float]:
 
 
 @st.composite
-def tensors(draw, dtypes=DTYPES, max_rows: int = 3, max_blocks: int = 2) -> torch.Tensor:
-    """[rows, 16 * blocks] of finite values of one dtype: a common magnitude 2**e (anywhere in
-    the dtype's range, subnormal included), the dtype's special values, and raw bit patterns."""
+def tensors(draw, dtypes=DTYPES, max_rows: int = 3, max_blocks: int = 2, multiple: int = 16,
+            even_rows: bool = False) -> torch.Tensor:
+    """[rows, multiple * blocks] of finite values of one dtype: a common magnitude 2**e (anywhere in
+    the dtype's range, subnormal included), the dtype's special values, and raw bit patterns.
+    `even_rows`: an even row count (packed INT4 pairs rows)."""
     dtype = draw(st.sampled_from(dtypes))
     rows, blocks = draw(st.integers(1, max_rows)), draw(st.integers(1, max_blocks))
+    rows += rows % 2 if even_rows else 0
     fi = torch.finfo(dtype)
     e = draw(st.integers(int(math.log2(fi.smallest_normal)) - MANTISSA_BITS[dtype], int(math.log2(fi.max))))
     nbits = 32 if dtype == torch.float32 else 16
@@ -80,9 +83,10 @@ def tensors(draw, dtypes=DTYPES, max_rows: int = 3, max_blocks: int = 2) -> torc
         st.sampled_from(_specials(dtype)),
         st.integers(0, 2**nbits - 1).map(lambda b: _from_bits(dtype, b)).filter(math.isfinite),
     )
-    values = draw(st.lists(element, min_size=rows * blocks * 16, max_size=rows * blocks * 16))
+    n = rows * blocks * multiple
+    values = draw(st.lists(element, min_size=n, max_size=n))
     t = torch.tensor(values, dtype=torch.float64).clamp(-fi.max, fi.max).to(dtype)
-    return t.reshape(rows, blocks * 16)
+    return t.reshape(rows, blocks * multiple)
 
 
 # --------------------------------------------------------------------------- bounds

@@ -31,31 +31,17 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tests.formats.test_properties import DTYPES, MANTISSA_BITS, PROFILE, TINY32, _from_bits, _specials
+from tests.formats.test_properties import DTYPES, MANTISSA_BITS, PROFILE, TINY32
+from tests.formats.test_properties import tensors as base_tensors
 
 from quantship.formats import fp4_blocks, fp8_variants, int4, int8, mxfp, nvfp4_four_over_six
 from quantship.formats.nvfp4 import e2m1_values
 
 PROFILE = settings(PROFILE, max_examples=25)  # 16 property tests: keep the file near 10 s
 HALF = 0.5  # the half in "half a step"; every bound below is written with it
-@st.composite
-def tensors(draw, multiple: int = 16, max_rows: int = 4, max_blocks: int = 2, even_rows: bool = False):
-    """[rows, multiple * blocks] finite values of one dtype (as test_properties.py's `tensors`)."""
-    dtype = draw(st.sampled_from(DTYPES))
-    rows, blocks = draw(st.integers(1, max_rows)), draw(st.integers(1, max_blocks))
-    rows += rows % 2 if even_rows else 0
-    fi = torch.finfo(dtype)
-    e = draw(st.integers(int(math.log2(fi.smallest_normal)) - MANTISSA_BITS[dtype], int(math.log2(fi.max))))
-    nbits = 32 if dtype == torch.float32 else 16
-    element = st.one_of(
-        st.floats(-2.0, 2.0).map(lambda f: f * 2.0**e),
-        st.sampled_from(_specials(dtype)),
-        st.integers(0, 2**nbits - 1).map(lambda b: _from_bits(dtype, b)).filter(math.isfinite),
-    )
-    n = rows * blocks * multiple
-    values = draw(st.lists(element, min_size=n, max_size=n))
-    t = torch.tensor(values, dtype=torch.float64).clamp(-fi.max, fi.max).to(dtype)
-    return t.reshape(rows, blocks * multiple)
+def tensors(multiple: int = 16, max_rows: int = 4, max_blocks: int = 2, even_rows: bool = False):
+    """test_properties.py's `tensors`, up to 4 rows by default, in blocks of `multiple` columns."""
+    return base_tensors(DTYPES, max_rows, max_blocks, multiple, even_rows)
 
 
 def _sign(y: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig
 from compressed_tensors.quantization.utils.helpers import calculate_qparams
 from safetensors.torch import load_file, save_file
 
-from tiny_models import model_from_config, tiny_config
+from tiny_models import model_from_config, tiny_config, write_byte_tokenizer
 
 INT4_ARGS = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32,
              "dynamic": False}
@@ -190,15 +190,3 @@ def make_int4_source(bf16: Path, dst: Path, twin: Path) -> tuple[Path, Path]:
         return stored, int4_decompress(stored).to(torch.bfloat16)
 
     return _convert(bf16, dst, twin, qc, quantize)
-
-
-def write_byte_tokenizer(path: Path) -> None:
-    """A 256-token byte-level tokenizer (no merges): real tokenizer files for the CLI, ids < 256."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(path)

@@ -44,9 +44,9 @@ import quantship.streaming.layerwise as layerwise
 from quantship.calibration import amax
 from quantship.export import sections
 from quantship.model import experts
-from sources.helpers import _fp8_target, fp8_block_reference, write_byte_tokenizer
+from sources.helpers import _fp8_target, fp8_block_reference
 
-from tiny_models import tiny_config
+from tiny_models import tiny_config, write_byte_tokenizer
 
 LAYERS, EXPERTS = 12, 64
 
