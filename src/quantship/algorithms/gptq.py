@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from quantship.errors import QuantshipError
+from quantship.formats.kernels import use_kernels
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,10 @@ class ColumnQuantizer(Protocol):
 
     def set_order(self, perm: Tensor) -> None:
         """Columns will come in order `perm` [B, cols] (act-order); codes stay in original order."""
+
+    def kernel_plan(self) -> tuple[str, Tensor] | None:
+        """("e2m1" | "int4" | "e4m3", per-element steps broadcastable to [B, rows, cols] in
+        processing order) when the fused GPU kernel can round like `column`; None otherwise."""
 
     def column(self, j: int, block: Tensor, i: int) -> Tensor:
         """Dequantized values [B, rows] (float32) of processing-order column `j`, which is column
@@ -157,7 +162,6 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, quantizer: ColumnQuantizer, c
         raise ValueError(f"gptq_quantize: weight {tuple(weight.shape)} and hessian {tuple(hessian.shape)} do not match")
     w = weight.float().clone()
     h = hessian.float().clone()
-    n_batch, _, cols = w.shape
     diag = torch.diagonal(h, dim1=-2, dim2=-1)
     diag[diag == 0] = 1.0  # a view: writes into h
 
@@ -169,8 +173,27 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, quantizer: ColumnQuantizer, c
         quantizer.set_order(perm)
 
     hinv = _inverse_hessian_factor(h, config.damp)
+    plan = quantizer.kernel_plan() if use_kernels(w) and gptq_kernel_supports(config.block_size) else None
+    if plan is not None:
+        from quantship.algorithms import gptq_triton
+
+        q = gptq_triton.gptq_columns(w, hinv, plan[1], plan[0], config.block_size)
+    else:
+        q = _column_loop(w, hinv, quantizer, config.block_size)
+    if perm is not None:
+        q = q.gather(2, torch.argsort(perm, dim=-1)[:, None, :].expand_as(q))
+    return q
+
+
+def gptq_kernel_supports(block_size: int) -> bool:
+    """The fused kernel's register block is a power of two; other widths keep the torch loop."""
+    return block_size >= 16 and block_size & (block_size - 1) == 0
+
+
+def _column_loop(w: Tensor, hinv: Tensor, quantizer: ColumnQuantizer, bs: int) -> Tensor:
+    """The column loop in torch ops (CPU, and GPU without Triton): `w` is updated in place."""
+    cols = w.shape[-1]
     q = torch.zeros_like(w)
-    bs = config.block_size
     # The column loop is launch/dispatch-bound (one small op per line), so it keeps few ops.
     for i1 in range(0, cols, bs):
         i2 = min(i1 + bs, cols)
@@ -187,8 +210,6 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, quantizer: ColumnQuantizer, c
             errors[:, :, i] = err
         # Lazy batch update: the whole block's errors reach the remaining columns in one GEMM.
         w[:, :, i2:] -= errors @ hinv[:, i1:i2, i2:]
-    if perm is not None:
-        q = q.gather(2, torch.argsort(perm, dim=-1)[:, None, :].expand_as(q))
     return q
 
 

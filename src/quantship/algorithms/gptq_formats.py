@@ -52,8 +52,9 @@ class _E2M1Rounder:
         low = (m.clamp(max=2.0) * 2.0).round_() * 0.5  # 0 .. 2 in steps of 0.5
         mid = m.clamp(2.0, 4.0).round_() - 2.0  # + 0 .. 2 in steps of 1
         top = ((m - 4.0) * 0.5).clamp_(0.0, 1.0).round_() * 2.0  # + 0 or 2
-        # x.sign() keeps a negative value that rounds to zero at -0.0 (code 8), as the format does.
-        return (low + mid + top) * x.sign()
+        # A negative value that rounds to zero stays -0.0 (code 8), as the format's `q < 0` does;
+        # x + 0.0 turns an input of exactly -0.0 into +0.0, whose code is 0 there too.
+        return (low + mid + top) * (x + 0.0).sign()
 
 
 def _codes_of(values: Tensor) -> Tensor:
@@ -108,6 +109,10 @@ class NVFP4Columns:
             raise ValueError("dynamic NVFP4 block scales need columns in their original order")
         self._steps = self._steps.gather(2, perm[:, None, :].expand_as(self._steps))
 
+    def kernel_plan(self) -> tuple[str, Tensor] | None:
+        # A dynamic block scale is chosen mid-loop: only the torch loop does that.
+        return None if self.dynamic else ("e2m1", self._steps)
+
     def column(self, j: int, block: Tensor, i: int) -> Tensor:
         if self.dynamic:
             if j % BLOCK == 0:  # first column of an NVFP4 block: its 16 values are final but for their own errors
@@ -135,6 +140,9 @@ class FP8Columns:
     def set_order(self, perm: Tensor) -> None:
         pass  # one scale per matrix: any column order
 
+    def kernel_plan(self) -> tuple[str, Tensor] | None:
+        return "e4m3", self.scale[:, :, None]
+
     def column(self, j: int, block: Tensor, i: int) -> Tensor:
         # Division in float32 then one rounding to e4m3 (no detour through the weight's dtype:
         # GPTQ's values are float32 and the codes are ours to choose).
@@ -157,6 +165,9 @@ class Int4Columns:
 
     def set_order(self, perm: Tensor) -> None:
         self._steps = self._steps.gather(2, perm[:, None, :].expand_as(self._steps))
+
+    def kernel_plan(self) -> tuple[str, Tensor] | None:
+        return "int4", self._steps
 
     def column(self, j: int, block: Tensor, i: int) -> Tensor:
         step = self._steps[:, :, j]

@@ -1,0 +1,213 @@
+"""What GPTQ of a decoder layer costs on the GPU, in forward passes of that layer (issue 10).
+
+For each model shape (built from a transformers config with seeded random weights, bf16, on the
+device; random calibration tokens): quantship's round-to-nearest NVFP4 plan, then
+`apply_gptq` twice on the same plan — the fused Triton column kernel (`gptq_triton.py`) and the
+torch column loop — timing per decoder layer the Hessian collection, GPTQ itself (Hessian
+inversion, the column work, assembling the checkpoint tensors) and one forward of the layer over
+the whole calibration set (median of 5, plain forward, no hooks): the unit the issue prices GPTQ
+in. Both paths' layer-output error ratios against round-to-nearest are reported side by side
+(they may differ only by float rounding order). Layer 0 carries Triton's compilation: the
+figures are medians over the other layers.
+
+    python bench/gptq_cost.py --out $OUT              # on a GPU: smollm2, llama8b, qwen3moe
+    python bench/gptq_cost.py --tiny --device cpu     # checks the script (torch loop only)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]  # bench/kernels.py shadows `kernels`
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3MoeConfig  # noqa: E402
+
+from quantship import quantize  # noqa: E402
+from quantship.algorithms import gptq as gptq_mod  # noqa: E402
+from quantship.algorithms import sequential  # noqa: E402
+from quantship.algorithms.gptq import GPTQConfig  # noqa: E402
+from quantship.algorithms.layer_inputs import capture_layer_inputs, run_layer  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location("quantship_bench_timing", HERE / "timing.py")
+timing = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(timing)
+
+SHAPES = {
+    # name: (config class, config, calibration windows of 512 tokens)
+    "smollm2": (LlamaConfig, dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+                                  num_key_value_heads=3, head_dim=64, vocab_size=49152, num_hidden_layers=4,
+                                  tie_word_embeddings=True), 20),
+    "llama8b": (LlamaConfig, dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                                  num_key_value_heads=8, head_dim=128, vocab_size=32000, num_hidden_layers=3), 20),
+    "qwen3moe": (Qwen3MoeConfig, dict(hidden_size=2048, num_experts=128, num_experts_per_tok=8,
+                                      moe_intermediate_size=768, intermediate_size=6144, num_attention_heads=32,
+                                      num_key_value_heads=4, head_dim=128, vocab_size=32000, num_hidden_layers=3,
+                                      norm_topk_prob=True), 64),
+}
+TINY = {"tiny": (LlamaConfig, dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                                   head_dim=16, vocab_size=256, num_hidden_layers=3), 4)}
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+class Stopwatch:
+    """Synchronized seconds spent inside wrapped functions, per label, reset per layer."""
+
+    def __init__(self, device: str):
+        self.device, self.seconds = device, {}
+
+    def wrap(self, label: str, fn):
+        def timed(*args, **kwargs):
+            sync(self.device)
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                sync(self.device)
+                self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - t
+        return timed
+
+
+@contextlib.contextmanager
+def instrumented(watch: Stopwatch, kernel: bool):
+    """Time the Hessian inversion and the column work; choose the kernel or the torch loop."""
+    saved = {name: getattr(gptq_mod, name) for name in ("_inverse_hessian_factor", "_column_loop", "use_kernels")}
+    gptq_mod._inverse_hessian_factor = watch.wrap("invert", saved["_inverse_hessian_factor"])
+    gptq_mod._column_loop = watch.wrap("columns", saved["_column_loop"])
+    if not kernel:
+        gptq_mod.use_kernels = lambda *t: False
+    triton_mod = None
+    if kernel:
+        from quantship.algorithms import gptq_triton as triton_mod
+
+        saved_cols = triton_mod.gptq_columns
+        triton_mod.gptq_columns = watch.wrap("columns", saved_cols)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(gptq_mod, name, fn)
+        if triton_mod is not None:
+            triton_mod.gptq_columns = saved_cols
+
+
+def layer_forward_seconds(model, structure, batches, device: str) -> list[float]:
+    """Each decoder layer's plain forward over all calibration batches (median of 5)."""
+    hidden, calls = capture_layer_inputs(model, structure, batches)
+    out = []
+    with torch.no_grad():
+        for (_, layer), layer_calls in zip(structure.decoder_layers, calls, strict=True):
+            times = []
+            for _ in range(6):
+                sync(device)
+                t = time.perf_counter()
+                nxt = [run_layer(layer, x, layer_calls, b) for b, x in enumerate(hidden)]
+                sync(device)
+                times.append(time.perf_counter() - t)
+            out.append(statistics.median(times[1:]))
+            hidden = nxt
+    return out
+
+
+def run_shape(name: str, cls, cfg: dict, windows: int, args) -> dict:
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = AutoModelForCausalLM.from_config(cls(**cfg), dtype=torch.bfloat16).eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, cfg["vocab_size"], (windows, args.seq_len), generator=g)
+    batches = [{"input_ids": ids[i : i + args.batch_size].to(args.device),
+                "attention_mask": torch.ones_like(ids[i : i + args.batch_size]).to(args.device)}
+               for i in range(0, windows, args.batch_size)]
+    qm = quantize(model, args.recipe, batches, progress=False)
+    saved = [dict(t.scales) for t in qm.plan.targets]
+    forward = layer_forward_seconds(model, qm.structure, batches, args.device)
+    row: dict = {"shape": name, "config": cfg, "calibration": f"{windows} x {args.seq_len} tokens",
+                 "layer_forward_seconds": forward, "paths": {}}
+    paths = ["kernel", "loop"] if args.device.startswith("cuda") else ["loop"]
+    for path in paths:
+        for t, s in zip(qm.plan.targets, saved, strict=True):
+            t.scales = dict(s)
+        watch = Stopwatch(args.device)
+        per_layer = []
+        original = sequential.gptq_decoder_layer
+
+        def layer_timed(*a, **k):
+            watch.seconds = {}
+            res = original(*a, **k)
+            per_layer.append({**res.seconds, **watch.seconds})
+            return res
+
+        sequential.gptq_decoder_layer = layer_timed
+        try:
+            with instrumented(watch, kernel=path == "kernel"):
+                report = sequential.apply_gptq(model, qm.structure, qm.plan, batches, GPTQConfig(), progress=False)
+        finally:
+            sequential.gptq_decoder_layer = original
+        ratios = {k: v["error_ratio_vs_rtn"] for k, v in report["targets"].items() if v["error_ratio_vs_rtn"]}
+        steady = per_layer[1:] or per_layer
+        med = {k: statistics.median(x.get(k, 0.0) for x in steady) for k in per_layer[0]}
+        fwd = statistics.median(forward[1:] or forward)
+        row["paths"][path] = {"per_layer": per_layer, "median_steady_layer": med,
+                              "gptq_over_forward": med["gptq"] / fwd,
+                              "median_error_ratio_vs_rtn": statistics.median(ratios.values()) if ratios else None,
+                              "error_ratio_vs_rtn": ratios}
+        print(f"{name} {path}: gptq {med['gptq'] * 1e3:.1f} ms/layer (invert {med.get('invert', 0) * 1e3:.1f}, "
+              f"columns {med.get('columns', 0) * 1e3:.1f}), forward {fwd * 1e3:.2f} ms -> "
+              f"{med['gptq'] / fwd:.1f} forwards; collect {med['collect'] * 1e3:.1f} ms", flush=True)
+    del model, qm
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return row
+
+
+def markdown(payload: dict) -> str:
+    lines = [f"# GPTQ cost per decoder layer ({payload['device'].get('card', 'cpu')}, {payload['device']['date']})", "",
+             f"Recipe {payload['recipe']}; medians over layers 1.. (layer 0 compiles).", "",
+             "| shape | path | forward ms | GPTQ ms | invert ms | columns ms | GPTQ / forward | collect ms "
+             "| median error vs RTN |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in payload["rows"]:
+        fwd = statistics.median(row["layer_forward_seconds"][1:] or row["layer_forward_seconds"])
+        for path, p in row["paths"].items():
+            m = p["median_steady_layer"]
+            err = p["median_error_ratio_vs_rtn"]
+            lines.append(f"| {row['shape']} ({row['calibration']}) | {path} | {fwd * 1e3:.2f} | {m['gptq'] * 1e3:.1f} "
+                         f"| {m.get('invert', 0) * 1e3:.1f} | {m.get('columns', 0) * 1e3:.1f} | {p['gptq_over_forward']:.1f} "
+                         f"| {m['collect'] * 1e3:.1f} | {err if err is None else round(err, 4)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    ap.add_argument("--recipe", default="nvfp4")
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = ap.parse_args(argv)
+    shapes = TINY if args.tiny else {k: SHAPES[k] for k in args.shapes}
+    if args.tiny:
+        args.seq_len = 32
+    device = timing.device_info() if args.device.startswith("cuda") else {
+        "card": "cpu", "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
+    payload = {"device": device, "recipe": args.recipe, "rows": []}
+    for name, (cls, cfg, windows) in shapes.items():
+        payload["rows"].append(run_shape(name, cls, cfg, windows, args))
+        js, md = timing.write_results(args.out, "gptq-cost", payload, markdown(payload))
+    print(md.read_text())
+
+
+if __name__ == "__main__":
+    main()
