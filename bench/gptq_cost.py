@@ -80,26 +80,44 @@ class Stopwatch:
 
 
 @contextlib.contextmanager
-def instrumented(watch: Stopwatch, kernel: bool):
-    """Time the Hessian inversion and the column work; choose the kernel or the torch loop."""
-    saved = {name: getattr(gptq_mod, name) for name in ("_inverse_hessian_factor", "_column_loop", "use_kernels")}
-    gptq_mod._inverse_hessian_factor = watch.wrap("invert", saved["_inverse_hessian_factor"])
-    gptq_mod._column_loop = watch.wrap("columns", saved["_column_loop"])
-    if not kernel:
+def instrumented(watch: Stopwatch, variant: dict | None):
+    """Time the Hessians, their inversion, the column work and the assembly of the checkpoint
+    tensors; `variant` None = the torch loop, else the kernel with these VARIANT settings."""
+    patched = [(gptq_mod, "_inverse_hessian_factor", "invert"), (gptq_mod, "_column_loop", "columns"),
+               (sequential, "_matrices", "hessians"), (sequential, "_assemble", "assemble")]
+    saved = [(mod, name, getattr(mod, name)) for mod, name, _ in patched]
+    for mod, name, label in patched:
+        setattr(mod, name, watch.wrap(label, getattr(mod, name)))
+    saved.append((gptq_mod, "use_kernels", gptq_mod.use_kernels))
+    if variant is None:
         gptq_mod.use_kernels = lambda *t: False
-    triton_mod = None
-    if kernel:
-        from quantship.algorithms import gptq_triton as triton_mod
+    else:
+        from quantship.algorithms import gptq_triton
 
-        saved_cols = triton_mod.gptq_columns
-        triton_mod.gptq_columns = watch.wrap("columns", saved_cols)
+        saved.append((gptq_triton, "gptq_columns", gptq_triton.gptq_columns))
+        gptq_triton.gptq_columns = watch.wrap("columns", gptq_triton.gptq_columns)
+        saved_variant = dict(gptq_triton.VARIANT)
+        gptq_triton.VARIANT.update({k: v for k, v in variant.items() if k != "invert"})
+        saved.append((gptq_mod, "INVERSE_DTYPE", gptq_mod.INVERSE_DTYPE))
+        gptq_mod.INVERSE_DTYPE = variant.get("invert", gptq_mod.INVERSE_DTYPE)
     try:
         yield
     finally:
-        for name, fn in saved.items():
-            setattr(gptq_mod, name, fn)
-        if triton_mod is not None:
-            triton_mod.gptq_columns = saved_cols
+        for mod, name, fn in saved:
+            setattr(mod, name, fn)
+        if variant is not None:
+            gptq_triton.VARIANT.clear()
+            gptq_triton.VARIANT.update(saved_variant)
+
+
+# Kernel settings measured against each other (the first is the shipped default).
+KERNEL_VARIANTS = {
+    "kernel": {},
+    "kernel tf32x3": {"precision": "tf32x3"},
+    "kernel rows32": {"block_rows": 32},
+    "kernel rows32 tf32x3": {"block_rows": 32, "precision": "tf32x3"},
+    "kernel tf32x3 f32-invert": {"precision": "tf32x3", "invert": torch.float32},
+}
 
 
 def layer_forward_seconds(model, structure, batches, device: str) -> list[float]:
@@ -134,15 +152,17 @@ def run_shape(name: str, cls, cfg: dict, windows: int, args) -> dict:
     forward = layer_forward_seconds(model, qm.structure, batches, args.device)
     row: dict = {"shape": name, "config": cfg, "calibration": f"{windows} x {args.seq_len} tokens",
                  "layer_forward_seconds": forward, "paths": {}}
-    paths = ["kernel", "loop"] if args.device.startswith("cuda") else ["loop"]
-    for path in paths:
+    paths = {**{k: KERNEL_VARIANTS[k] for k in args.kernel_variants}, "loop": None}
+    if not args.device.startswith("cuda"):
+        paths = {"loop": None}
+    for path, variant in paths.items():
         for t, s in zip(qm.plan.targets, saved, strict=True):
             t.scales = dict(s)
         watch = Stopwatch(args.device)
         per_layer = []
         original = sequential.gptq_decoder_layer
 
-        def layer_timed(*a, **k):
+        def layer_timed(*a, watch=watch, original=original, per_layer=per_layer, **k):
             watch.seconds = {}
             res = original(*a, **k)
             per_layer.append({**res.seconds, **watch.seconds})
@@ -150,7 +170,7 @@ def run_shape(name: str, cls, cfg: dict, windows: int, args) -> dict:
 
         sequential.gptq_decoder_layer = layer_timed
         try:
-            with instrumented(watch, kernel=path == "kernel"):
+            with instrumented(watch, variant):
                 report = sequential.apply_gptq(model, qm.structure, qm.plan, batches, GPTQConfig(), progress=False)
         finally:
             sequential.gptq_decoder_layer = original
@@ -163,7 +183,8 @@ def run_shape(name: str, cls, cfg: dict, windows: int, args) -> dict:
                               "median_error_ratio_vs_rtn": statistics.median(ratios.values()) if ratios else None,
                               "error_ratio_vs_rtn": ratios}
         print(f"{name} {path}: gptq {med['gptq'] * 1e3:.1f} ms/layer (invert {med.get('invert', 0) * 1e3:.1f}, "
-              f"columns {med.get('columns', 0) * 1e3:.1f}), forward {fwd * 1e3:.2f} ms -> "
+              f"columns {med.get('columns', 0) * 1e3:.1f}, assemble {med.get('assemble', 0) * 1e3:.1f}), "
+              f"forward {fwd * 1e3:.2f} ms -> "
               f"{med['gptq'] / fwd:.1f} forwards; collect {med['collect'] * 1e3:.1f} ms", flush=True)
     del model, qm
     if args.device.startswith("cuda"):
@@ -174,15 +195,16 @@ def run_shape(name: str, cls, cfg: dict, windows: int, args) -> dict:
 def markdown(payload: dict) -> str:
     lines = [f"# GPTQ cost per decoder layer ({payload['device'].get('card', 'cpu')}, {payload['device']['date']})", "",
              f"Recipe {payload['recipe']}; medians over layers 1.. (layer 0 compiles).", "",
-             "| shape | path | forward ms | GPTQ ms | invert ms | columns ms | GPTQ / forward | collect ms "
-             "| median error vs RTN |", "|---|---|---|---|---|---|---|---|---|"]
+             "| shape | path | forward ms | GPTQ ms | invert ms | columns ms | assemble ms | GPTQ / forward "
+             "| collect ms | median error vs RTN |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in payload["rows"]:
         fwd = statistics.median(row["layer_forward_seconds"][1:] or row["layer_forward_seconds"])
         for path, p in row["paths"].items():
             m = p["median_steady_layer"]
             err = p["median_error_ratio_vs_rtn"]
             lines.append(f"| {row['shape']} ({row['calibration']}) | {path} | {fwd * 1e3:.2f} | {m['gptq'] * 1e3:.1f} "
-                         f"| {m.get('invert', 0) * 1e3:.1f} | {m.get('columns', 0) * 1e3:.1f} | {p['gptq_over_forward']:.1f} "
+                         f"| {m.get('invert', 0) * 1e3:.1f} | {m.get('columns', 0) * 1e3:.1f} "
+                         f"| {m.get('assemble', 0) * 1e3:.1f} | {p['gptq_over_forward']:.1f} "
                          f"| {m['collect'] * 1e3:.1f} | {err if err is None else round(err, 4)} |")
     return "\n".join(lines) + "\n"
 
@@ -194,6 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--kernel-variants", nargs="+", default=list(KERNEL_VARIANTS), choices=list(KERNEL_VARIANTS))
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     args = ap.parse_args(argv)

@@ -127,14 +127,15 @@ class HessianAccumulator:
 
 
 # ------------------------------------------------------------------------------ GPTQ proper
+INVERSE_DTYPE = torch.float64
 def _inverse_hessian_factor(h: Tensor, damp: float) -> Tensor:
     """Upper Cholesky factor of (H + λI)⁻¹ with λ = damp · mean(diag H), per batch entry.
 
-    Computed in float64 (cols³ flops, negligible next to the column loop) so that a badly
-    conditioned Hessian loses no accuracy; if Cholesky still fails the dampening is raised
+    Computed in INVERSE_DTYPE (float64: a badly conditioned Hessian loses no accuracy; 4/3 cols³
+    flops, bench/gptq_cost.py times it); if Cholesky still fails the dampening is raised
     tenfold, up to three times, as reference implementations do.
     """
-    h = h.double()
+    h = h.to(INVERSE_DTYPE)
     eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
     mean_diag = torch.diagonal(h, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)
     for attempt in range(4):
@@ -149,30 +150,54 @@ def _inverse_hessian_factor(h: Tensor, damp: float) -> Tensor:
                          "use more calibration text or --algorithm max")
 
 
-def gptq_quantize(weight: Tensor, hessian: Tensor, quantizer: ColumnQuantizer, config: GPTQConfig) -> Tensor:
-    """GPTQ of `weight` [B, rows, cols] under `hessian` [B, cols, cols]; returns the quantized
-    values [B, rows, cols] (float32) exactly as `quantizer` produced them.
+@dataclass(frozen=True)
+class PreparedHessians:
+    """What the column work needs from a batch of Hessians: the act-order permutation (None
+    without act-order) and the upper Cholesky factor of the dampened, permuted H⁻¹."""
+
+    perm: Tensor | None  # [B, cols]
+    hinv: Tensor  # [B, cols, cols] float32
+
+    def select(self, index: list[int]) -> PreparedHessians:
+        idx = torch.as_tensor(index, device=self.hinv.device)
+        return PreparedHessians(None if self.perm is None else self.perm[idx], self.hinv[idx])
+
+
+def prepare_hessians(hessian: Tensor, config: GPTQConfig) -> PreparedHessians:
+    """Hessians [B, cols, cols] -> PreparedHessians. Separate from the column work so a layer's
+    Hessians of one width are inverted in one batched call whatever the rows of their weights.
 
     Input dimensions the calibration never activated (diag H = 0) get diag 1: their columns are
     decoupled from the rest (zero off-diagonal), so they are rounded to nearest and neither give
     nor take compensation. (The reference code also zeroes their weights; we keep them, since
     the calibration set proves nothing about those inputs.)
     """
-    if weight.dim() != 3 or hessian.shape != (weight.shape[0], weight.shape[2], weight.shape[2]):
-        raise ValueError(f"gptq_quantize: weight {tuple(weight.shape)} and hessian {tuple(hessian.shape)} do not match")
-    w = weight.float().clone()
     h = hessian.float().clone()
     diag = torch.diagonal(h, dim1=-2, dim2=-1)
     diag[diag == 0] = 1.0  # a view: writes into h
-
     perm = None
     if config.act_order:
         perm = torch.argsort(torch.diagonal(h, dim1=-2, dim2=-1), dim=-1, descending=True, stable=True)
-        w = w.gather(2, perm[:, None, :].expand_as(w))
         h = h.gather(1, perm[:, :, None].expand_as(h)).gather(2, perm[:, None, :].expand_as(h))
-        quantizer.set_order(perm)
+    return PreparedHessians(perm, _inverse_hessian_factor(h, config.damp))
 
-    hinv = _inverse_hessian_factor(h, config.damp)
+
+def gptq_quantize(weight: Tensor, hessian: Tensor | None, quantizer: ColumnQuantizer, config: GPTQConfig,
+                  prepared: PreparedHessians | None = None) -> Tensor:
+    """GPTQ of `weight` [B, rows, cols] under `hessian` [B, cols, cols] (or its `prepared` form);
+    returns the quantized values [B, rows, cols] (float32) exactly as `quantizer` produced them.
+    On CUDA the column work is one fused Triton kernel where the quantizer allows it
+    (`kernel_plan`), the torch loop otherwise."""
+    if prepared is None:
+        if weight.dim() != 3 or hessian is None or hessian.shape != (weight.shape[0], weight.shape[2], weight.shape[2]):
+            shape = None if hessian is None else tuple(hessian.shape)
+            raise ValueError(f"gptq_quantize: weight {tuple(weight.shape)} and hessian {shape} do not match")
+        prepared = prepare_hessians(hessian, config)
+    w = weight.float().clone()
+    perm, hinv = prepared.perm, prepared.hinv
+    if perm is not None:
+        w = w.gather(2, perm[:, None, :].expand_as(w))
+        quantizer.set_order(perm)
     plan = quantizer.kernel_plan() if use_kernels(w) and gptq_kernel_supports(config.block_size) else None
     if plan is not None:
         from quantship.algorithms import gptq_triton
@@ -214,7 +239,11 @@ def _column_loop(w: Tensor, hinv: Tensor, quantizer: ColumnQuantizer, bs: int) -
 
 
 def objective(weight: Tensor, quantized: Tensor, hessian: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
-    """tr((W-Q) H (W-Q)ᵀ) per batch entry: the output error GPTQ minimizes (float64 by default;
-    the report's GPTQ / RTN ratio takes float32, a quarter of the time on CPUs)."""
-    d = weight.to(dtype) - quantized.to(dtype)
-    return ((d @ hessian.to(dtype)) * d).sum(dim=(1, 2))
+    """tr((W-Q) H (W-Q)ᵀ) per batch entry: the output error GPTQ minimizes. `dtype` is the
+    GEMM's: float64 by default; float32 for the report on CPUs (a quarter of the time);
+    bfloat16 for the report on GPUs, where a float32 GEMM of rows x cols² costs more than GPTQ
+    itself (D and H rounded to 8 bits: the sum's relative error stays ~1e-3, far below the ratios
+    it reports). The difference W-Q is taken in float32 at least either way."""
+    exact = torch.float64 if dtype == torch.float64 else torch.float32
+    d = weight.to(exact) - quantized.to(exact)
+    return ((d.to(dtype) @ hessian.to(dtype)).to(exact) * d).sum(dim=(1, 2))

@@ -66,10 +66,12 @@ def _grid_value(x, KIND: tl.constexpr):
 @triton.jit
 def _gptq_rows_kernel(w_ptr, q_ptr, hinv_ptr, inv_diag_ptr, step_ptr, rows, cols,
                       step_sb, step_sr, step_sc,
-                      KIND: tl.constexpr, BR: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr):
+                      KIND: tl.constexpr, BR: tl.constexpr, BS: tl.constexpr, BN: tl.constexpr,
+                      PRECISION: tl.constexpr):
     """Program (row tile, matrix): GPTQ of rows [BR] of one matrix over all its columns.
     `w_ptr` is a float32 scratch copy [B, rows, cols] (updated in place), `q_ptr` receives the
-    quantized values, `hinv_ptr` [B, cols, cols] the upper Cholesky factor of H⁻¹."""
+    quantized values, `hinv_ptr` [B, cols, cols] the upper Cholesky factor of H⁻¹, `inv_diag_ptr`
+    [B, cols] 1 / its diagonal."""
     b = tl.program_id(1).to(tl.int64)
     r = tl.program_id(0) * BR + tl.arange(0, BR)
     rmask = r < rows
@@ -84,6 +86,11 @@ def _gptq_rows_kernel(w_ptr, q_ptr, hinv_ptr, inv_diag_ptr, step_ptr, rows, cols
         m2 = rmask[:, None] & cmask[None, :]
         block = tl.load(w_ptr + row_off + c[None, :], mask=m2, other=0.0)
         step = tl.load(step_base + c[None, :] * step_sc, mask=m2, other=1.0)
+        # The block's part of H⁻¹'s factor, strictly above the diagonal, and 1 / its diagonal:
+        # in registers, so the serial loop below waits on no memory.
+        h_block = tl.load(h_base + c[:, None] * cols + c[None, :], mask=cmask[:, None] & (cb[None, :] > cb[:, None]),
+                          other=0.0)
+        inv_d = tl.load(inv_diag_ptr + b * cols + c, mask=cmask, other=0.0)
         qb = tl.full([BR, BS], 0.0, tl.float32)
         eb = tl.full([BR, BS], 0.0, tl.float32)
         for i in range(0, BS):
@@ -92,11 +99,10 @@ def _gptq_rows_kernel(w_ptr, q_ptr, hinv_ptr, inv_diag_ptr, step_ptr, rows, cols
             wi = tl.reshape(tl.gather(block, pick, 1), [BR])  # column i, out of registers
             si = tl.reshape(tl.gather(step, pick, 1), [BR])
             qi = _grid_value(tl.div_rn(wi, si), KIND) * si
-            # Past the last column (a partial block) wi is 0, so err is 0 whatever inv_d holds.
-            inv_d = tl.load(inv_diag_ptr + b * cols + tl.minimum(i1 + i, cols - 1))
-            err = (wi - qi) * inv_d
-            h_row = tl.load(h_base + (i1 + i) * cols + c, mask=cmask & (cb > i), other=0.0)
-            block = block - err[:, None] * h_row[None, :]
+            # Past the last column (a partial block) wi is 0 and inv_d 0, so err is 0.
+            err = (wi - qi) * tl.gather(inv_d, tl.full([1], i, tl.int32), 0)
+            h_row = tl.gather(h_block, tl.full([1, BS], i, tl.int32), 0)  # [1, BS]
+            block = block - err[:, None] * h_row
             qb = tl.where(here, qi[:, None], qb)
             eb = tl.where(here, err[:, None], eb)
         tl.store(q_ptr + row_off + c[None, :], qb, mask=m2)
@@ -107,13 +113,17 @@ def _gptq_rows_kernel(w_ptr, q_ptr, hinv_ptr, inv_diag_ptr, step_ptr, rows, cols
             mj = rmask[:, None] & jmask[None, :]
             wt = tl.load(w_ptr + row_off + cj[None, :], mask=mj, other=0.0)
             ht = tl.load(h_base + c[:, None] * cols + cj[None, :], mask=cmask[:, None] & jmask[None, :], other=0.0)
-            wt = wt - tl.dot(eb, ht, input_precision="ieee")
+            wt = wt - tl.dot(eb, ht, input_precision=PRECISION)
             tl.store(w_ptr + row_off + cj[None, :], wt, mask=mj)
         tl.debug_barrier()  # the next block reads columns other threads of this program just wrote
 
 
-def gptq_columns(w: Tensor, hinv: Tensor, steps: Tensor, kind: str, block_size: int,
-                 block_rows: int = 16, tile_cols: int = 64, num_warps: int = 4) -> Tensor:
+# Launch shape and the lazy-batch GEMM's arithmetic; bench/gptq_cost.py measures the choices.
+# "tf32x3" (three TF32 tensor-core products, float32 accuracy) or "ieee" (float32 FMAs).
+VARIANT = {"block_rows": 16, "tile_cols": 64, "num_warps": 4, "precision": "ieee"}
+
+
+def gptq_columns(w: Tensor, hinv: Tensor, steps: Tensor, kind: str, block_size: int) -> Tensor:
     """Quantized values [B, rows, cols] (float32) of GPTQ on `w` [B, rows, cols] (processing
     order) with `hinv` [B, cols, cols] (upper Cholesky factor of the dampened H⁻¹) and per-element
     steps `steps` (broadcastable to w: the format's scale of each value, in processing order)."""
@@ -123,9 +133,11 @@ def gptq_columns(w: Tensor, hinv: Tensor, steps: Tensor, kind: str, block_size: 
     hinv = hinv.float().contiguous()
     inv_diag = (1.0 / torch.diagonal(hinv, dim1=-2, dim2=-1)).contiguous()
     steps = steps.float().expand(n_batch, rows, cols)
-    grid = (triton.cdiv(rows, block_rows), n_batch)
+    v = VARIANT
+    grid = (triton.cdiv(rows, v["block_rows"]), n_batch)
     with launch_device(work):
         _gptq_rows_kernel[grid](work, q, hinv, inv_diag, steps, rows, cols,
                                 steps.stride(0), steps.stride(1), steps.stride(2),
-                                KIND=KIND[kind], BR=block_rows, BS=block_size, BN=tile_cols, num_warps=num_warps)
+                                KIND=KIND[kind], BR=v["block_rows"], BS=block_size, BN=v["tile_cols"],
+                                PRECISION=v["precision"], num_warps=v["num_warps"])
     return q

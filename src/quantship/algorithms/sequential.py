@@ -22,7 +22,13 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from quantship.algorithms.gptq import GPTQConfig, HessianAccumulator, gptq_quantize, objective
+from quantship.algorithms.gptq import (
+    GPTQConfig,
+    HessianAccumulator,
+    gptq_quantize,
+    objective,
+    prepare_hessians,
+)
 from quantship.algorithms.gptq_formats import GPTQ_FORMATS, GPTQFormat
 from quantship.algorithms.gptq_report import TargetResult, gptq_report
 from quantship.algorithms.layer_inputs import LayerCalls, capture_layer_inputs, run_layer
@@ -173,7 +179,8 @@ def _matrices(targets: list[QuantTarget], obs: _LayerObservers, fmt: GPTQFormat,
 
 def _run_gptq(mats: list[_Matrix], fmt: GPTQFormat, config: GPTQConfig) -> None:
     """GPTQ every matrix: those sharing a Hessian and scale (fused siblings) as one matrix of
-    stacked rows, and same-shaped ones (experts) batched through one column loop."""
+    stacked rows; the distinct Hessians of one width prepared (inverted) in one batched call;
+    then same-shaped matrices (experts) through one column kernel or loop."""
     merged: list[list[_Matrix]] = []
     for m in mats:
         for group in merged:
@@ -184,26 +191,49 @@ def _run_gptq(mats: list[_Matrix], fmt: GPTQFormat, config: GPTQConfig) -> None:
                 break
         else:
             merged.append([m])
-    by_shape: dict[tuple[int, int], list[list[_Matrix]]] = {}
+    by_cols: dict[int, list[list[_Matrix]]] = {}
     for group in merged:
-        shape = (sum(m.weight.shape[0] for m in group), group[0].weight.shape[1])
-        by_shape.setdefault(shape, []).append(group)
-    for (rows, cols), groups in by_shape.items():
-        step = max(1, MAX_BATCH_ELEMENTS // (rows * cols + cols * cols))
-        for s in range(0, len(groups), step):
-            chunk = groups[s : s + step]
-            w = torch.stack([torch.cat([m.weight for m in g]) for g in chunk])
-            h = torch.stack([g[0].hessian for g in chunk])
-            quantizer = fmt.columns(w, torch.stack([g[0].scale.float() for g in chunk]), config.nvfp4_scales)
-            q = gptq_quantize(w, h, quantizer, config)
-            row_tensors = quantizer.row_tensors(q)
-            for b, g in enumerate(chunk):
-                start = 0
-                for m in g:
-                    end = start + m.weight.shape[0]
-                    m.rows = {k: v[b, start:end] for k, v in row_tensors.items()}
-                    m.q = q[b, start:end]
-                    start = end
+        by_cols.setdefault(group[0].weight.shape[1], []).append(group)
+    for cols, groups in by_cols.items():
+        chunk: list[list[_Matrix]] = []
+        elements = 0
+        for group in groups:
+            size = sum(m.weight.shape[0] for m in group) * cols + cols * cols
+            if chunk and elements + size > MAX_BATCH_ELEMENTS:
+                _run_chunk(chunk, fmt, config)
+                chunk, elements = [], 0
+            chunk.append(group)
+            elements += size
+        if chunk:
+            _run_chunk(chunk, fmt, config)
+
+
+def _run_chunk(chunk: list[list[_Matrix]], fmt: GPTQFormat, config: GPTQConfig) -> None:
+    """Groups of one input width: their distinct Hessians prepared together, then GPTQ per
+    row count (one batch each)."""
+    hessians: list[Tensor] = []
+    slot: dict[int, int] = {}  # id of a group's Hessian -> its index in `hessians`
+    for g in chunk:
+        h = g[0].hessian
+        if id(h) not in slot:
+            slot[id(h)] = len(hessians)
+            hessians.append(h)
+    prepared = prepare_hessians(torch.stack(hessians), config)
+    by_rows: dict[int, list[list[_Matrix]]] = {}
+    for g in chunk:
+        by_rows.setdefault(sum(m.weight.shape[0] for m in g), []).append(g)
+    for same in by_rows.values():
+        w = torch.stack([torch.cat([m.weight for m in g]) for g in same])
+        quantizer = fmt.columns(w, torch.stack([g[0].scale.float() for g in same]), config.nvfp4_scales)
+        q = gptq_quantize(w, None, quantizer, config, prepared.select([slot[id(g[0].hessian)] for g in same]))
+        row_tensors = quantizer.row_tensors(q)
+        for b, g in enumerate(same):
+            start = 0
+            for m in g:
+                end = start + m.weight.shape[0]
+                m.rows = {k: v[b, start:end] for k, v in row_tensors.items()}
+                m.q = q[b, start:end]
+                start = end
 
 
 @dataclass
@@ -293,8 +323,9 @@ def _assemble(targets: list[QuantTarget], mats: list[_Matrix], fmt: GPTQFormat, 
 
             hs = torch.stack([m.hessian for m in got])
             w = sel(t.weight)
-            err_gptq = objective(w, sel(handler.dequantize(chosen, torch.float32)), hs, torch.float32).sum()
-            err_rtn = objective(w, sel(handler.dequantize(rtn, torch.float32)), hs, torch.float32).sum()
+            gemm = torch.bfloat16 if w.is_cuda else torch.float32  # see objective()
+            err_gptq = objective(w, sel(handler.dequantize(chosen, torch.float32)), hs, gemm).sum()
+            err_rtn = objective(w, sel(handler.dequantize(rtn, torch.float32)), hs, gemm).sum()
             res.error_ratio = float(err_gptq / err_rtn.clamp_min(1e-30))
         param = t.key if t.fused_experts else f"{t.key}.weight"
         swaps[param] = (params[param], handler.dequantize(chosen, t.weight.dtype))
