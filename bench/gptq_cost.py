@@ -72,7 +72,8 @@ class Stopwatch:
             sync(self.device)
             t = time.perf_counter()
             try:
-                return fn(*args, **kwargs)
+                with torch.profiler.record_function(label):
+                    return fn(*args, **kwargs)
             finally:
                 sync(self.device)
                 self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - t
@@ -98,8 +99,8 @@ def instrumented(watch: Stopwatch, variant: dict | None):
         gptq_triton.gptq_columns = watch.wrap("columns", gptq_triton.gptq_columns)
         saved_variant = dict(gptq_triton.VARIANT)
         gptq_triton.VARIANT.update({k: v for k, v in variant.items() if k != "invert"})
-        saved.append((gptq_mod, "INVERSE_DTYPE", gptq_mod.INVERSE_DTYPE))
-        gptq_mod.INVERSE_DTYPE = variant.get("invert", gptq_mod.INVERSE_DTYPE)
+        saved_inverse = dict(gptq_mod.INVERSE)
+        gptq_mod.INVERSE.update(variant.get("invert", {}))
     try:
         yield
     finally:
@@ -108,16 +109,46 @@ def instrumented(watch: Stopwatch, variant: dict | None):
         if variant is not None:
             gptq_triton.VARIANT.clear()
             gptq_triton.VARIANT.update(saved_variant)
+            gptq_mod.INVERSE.clear()
+            gptq_mod.INVERSE.update(saved_inverse)
 
 
 # Kernel settings measured against each other (the first is the shipped default).
 KERNEL_VARIANTS = {
     "kernel": {},
     "kernel tf32x3": {"precision": "tf32x3"},
-    "kernel rows32": {"block_rows": 32},
-    "kernel rows32 tf32x3": {"block_rows": 32, "precision": "tf32x3"},
-    "kernel tf32x3 f32-invert": {"precision": "tf32x3", "invert": torch.float32},
+    "kernel reversed-invert": {"invert": {"method": "reversed"}},
+    "kernel reversed-invert loop2048": {"invert": {"method": "reversed", "loop_from": 2048}},
 }
+# (cols, matrices) of the Hessian batches the shapes above invert per layer.
+INVERT_CASES = [(576, 3), (1536, 1), (768, 128), (2048, 128), (4096, 3), (14336, 1)]
+
+
+def invert_bench(device: str) -> list[dict]:
+    """Milliseconds of each way to get H⁻¹'s upper Cholesky factor, and its largest difference
+    from the float64 chol_inv_chol factor (relative to that factor's largest entry)."""
+    rows = []
+    for cols, batch in INVERT_CASES:
+        g = torch.Generator(device=device).manual_seed(cols)
+        x = torch.randn(batch, 2 * cols, cols, device=device, generator=g)
+        h = x.transpose(1, 2) @ x / (2 * cols)
+        gptq_mod.INVERSE.update(dtype=torch.float64, method="chol_inv_chol", loop_from=1 << 30)
+        ref = gptq_mod._inverse_hessian_factor(h, 0.01).double()
+        for dtype in (torch.float64, torch.float32):
+            for method in ("chol_inv_chol", "reversed"):
+                for loop in (False, True):
+                    if loop and batch == 1:
+                        continue
+                    gptq_mod.INVERSE.update(dtype=dtype, method=method, loop_from=0 if loop else 1 << 30)
+                    ms = timing.time_ms(lambda h=h: gptq_mod._inverse_hessian_factor(h, 0.01), rep_ms=100, min_reps=2,
+                                        max_reps=10)
+                    got = gptq_mod._inverse_hessian_factor(h, 0.01).double()
+                    err = float((got - ref).abs().max() / ref.abs().max())
+                    rows.append({"cols": cols, "matrices": batch, "dtype": str(dtype).removeprefix("torch."),
+                                 "method": method, "loop": loop, "ms": ms, "max_rel_diff": err})
+                    print(f"invert {cols}x{batch} {dtype} {method} loop={loop}: {ms:.2f} ms, diff {err:.1e}", flush=True)
+    gptq_mod.INVERSE.update(dtype=torch.float64, method="chol_inv_chol", loop_from=1 << 30)
+    return rows
 
 
 def layer_forward_seconds(model, structure, batches, device: str) -> list[float]:
@@ -169,11 +200,18 @@ def run_shape(name: str, cls, cfg: dict, windows: int, args) -> dict:
             return res
 
         sequential.gptq_decoder_layer = layer_timed
+        profiler = (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                       torch.profiler.ProfilerActivity.CUDA])
+                    if args.profile and path == "kernel" else contextlib.nullcontext())
         try:
-            with instrumented(watch, variant):
+            with instrumented(watch, variant), profiler:
                 report = sequential.apply_gptq(model, qm.structure, qm.plan, batches, GPTQConfig(), progress=False)
         finally:
             sequential.gptq_decoder_layer = original
+        if args.profile and path == "kernel":
+            table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+            table += "\n" + profiler.key_averages().table(sort_by="self_device_time_total", row_limit=25)
+            (args.out / f"profile-{name}.txt").write_text(table)
         ratios = {k: v["error_ratio_vs_rtn"] for k, v in report["targets"].items() if v["error_ratio_vs_rtn"]}
         steady = per_layer[1:] or per_layer
         med = {k: statistics.median(x.get(k, 0.0) for x in steady) for k in per_layer[0]}
@@ -217,6 +255,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--kernel-variants", nargs="+", default=list(KERNEL_VARIANTS), choices=list(KERNEL_VARIANTS))
+    ap.add_argument("--invert-bench", action="store_true", help="time the H⁻¹ factor methods first (GPU)")
+    ap.add_argument("--profile", action="store_true", help="torch.profiler tables of the kernel path, per shape")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     args = ap.parse_args(argv)
@@ -226,6 +266,8 @@ def main(argv: list[str] | None = None) -> None:
     device = timing.device_info() if args.device.startswith("cuda") else {
         "card": "cpu", "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
     payload = {"device": device, "recipe": args.recipe, "rows": []}
+    if args.invert_bench:
+        payload["invert"] = invert_bench(args.device)
     for name, (cls, cfg, windows) in shapes.items():
         payload["rows"].append(run_shape(name, cls, cfg, windows, args))
         js, md = timing.write_results(args.out, "gptq-cost", payload, markdown(payload))

@@ -127,25 +127,53 @@ class HessianAccumulator:
 
 
 # ------------------------------------------------------------------------------ GPTQ proper
-INVERSE_DTYPE = torch.float64
+# How H⁻¹'s upper Cholesky factor is computed (bench/gptq_cost.py --invert-bench measures them):
+# dtype; "chol_inv_chol" = cholesky, cholesky_inverse, cholesky (4/3 n³ flops) or "reversed" =
+# one cholesky of the index-reversed H and a triangular solve (same factor, exactly: see
+# _reversed_factor); batches of matrices at least `loop_from` wide go one matrix per call
+# (batched cuSOLVER calls are slower than a loop for large matrices).
+INVERSE = {"dtype": torch.float64, "method": "chol_inv_chol", "loop_from": 1 << 30}
+
+
+def _flip(a: Tensor) -> Tensor:
+    return a.flip(-1).flip(-2)
+
+
+def _chol_inv_chol(h: Tensor) -> Tensor | None:
+    chol, info = torch.linalg.cholesky_ex(h)
+    if info.any():
+        return None
+    upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+    return None if info.any() else upper
+
+
+def _reversed_factor(h: Tensor) -> Tensor | None:
+    """With J the index reversal and J H J = L Lᵀ: H⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J), and J L⁻¹ J is
+    upper triangular with a positive diagonal, so it is H⁻¹'s upper Cholesky factor."""
+    chol, info = torch.linalg.cholesky_ex(_flip(h))
+    if info.any():
+        return None
+    eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device).expand_as(h)
+    return _flip(torch.linalg.solve_triangular(chol, eye, upper=False))
+
+
 def _inverse_hessian_factor(h: Tensor, damp: float) -> Tensor:
     """Upper Cholesky factor of (H + λI)⁻¹ with λ = damp · mean(diag H), per batch entry.
 
-    Computed in INVERSE_DTYPE (float64: a badly conditioned Hessian loses no accuracy; 4/3 cols³
-    flops, bench/gptq_cost.py times it); if Cholesky still fails the dampening is raised
-    tenfold, up to three times, as reference implementations do.
+    Computed in float64 by default (a badly conditioned Hessian loses no accuracy); if Cholesky
+    fails the dampening is raised tenfold, up to three times, as reference implementations do.
     """
-    h = h.to(INVERSE_DTYPE)
+    if h.shape[0] > 1 and h.shape[-1] >= INVERSE["loop_from"]:
+        return torch.cat([_inverse_hessian_factor(h[i : i + 1], damp) for i in range(h.shape[0])])
+    h = h.to(INVERSE["dtype"])
+    factor = _reversed_factor if INVERSE["method"] == "reversed" else _chol_inv_chol
     eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
     mean_diag = torch.diagonal(h, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)
     for attempt in range(4):
         lam = damp * (10**attempt) * mean_diag
-        chol, info = torch.linalg.cholesky_ex(h + lam[:, None, None] * eye)
-        if not info.any():
-            hinv = torch.cholesky_inverse(chol)
-            upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
-            if not info.any():
-                return upper.float()
+        upper = factor(h + lam[:, None, None] * eye)
+        if upper is not None:
+            return upper.float()
     raise QuantshipError("GPTQ: the calibration Hessian is not positive definite even after 1000x dampening; "
                          "use more calibration text or --algorithm max")
 
