@@ -213,3 +213,31 @@ def test_fast_e2m1_rounding_equals_the_format_reference():
     assert torch.equal(got, want) and torch.equal(torch.signbit(got), torch.signbit(want))
     finite = torch.isfinite(x)  # -0.0 included: code 0, as the reference's q < 0
     assert torch.equal(_codes_of(got * 0.37 / 0.37)[finite], nvfp4.round_to_e2m1_codes(x)[finite])
+
+
+def test_both_inverse_factor_methods_give_the_upper_cholesky_factor_of_the_inverse(problem, monkeypatch):
+    """The shipped 'reversed' method (one Cholesky of the index-reversed H, one triangular solve),
+    batched or one matrix per call, against float64 inv() and cholesky(upper) of it."""
+    from quantship.algorithms import gptq as gptq_mod
+
+    _, h, _ = problem
+    hs = torch.stack([h, h * 3.0 + torch.eye(COLS)])
+    damped = hs.double() + 0.01 * torch.diagonal(hs.double(), dim1=-2, dim2=-1).mean(-1)[:, None, None] * torch.eye(COLS)
+    want = torch.linalg.cholesky(torch.linalg.inv(damped), upper=True)
+    for method in ("reversed", "chol_inv_chol"):
+        for loop_from in (1, 1 << 30):
+            monkeypatch.setitem(gptq_mod.INVERSE, "method", method)
+            monkeypatch.setitem(gptq_mod.INVERSE, "loop_from", loop_from)
+            got = gptq_mod._inverse_hessian_factor(hs, 0.01)
+            assert got.dtype == torch.float32 and torch.equal(got, got.triu())
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6 * want.abs().max().item())
+
+
+def test_objective_split_sums_two_candidates_from_one_gemm(problem):
+    w, h, _ = problem
+    a, b = w.float() * 0.9, w.float().round()
+    both = objective(torch.cat([w, w])[None], torch.cat([a, b])[None], h[None], torch.float64, split=ROWS)
+    torch.testing.assert_close(both[:, 0], torch.stack([objective(w[None], a[None], h[None])[0],
+                                                         objective(w[None], b[None], h[None])[0]]))
+    ref = float(((w.double() - a.double()) @ h.double() * (w.double() - a.double())).sum())
+    assert abs(float(both[0, 0]) - ref) <= 1e-9 * abs(ref)

@@ -128,11 +128,13 @@ class HessianAccumulator:
 
 # ------------------------------------------------------------------------------ GPTQ proper
 # How H⁻¹'s upper Cholesky factor is computed (bench/gptq_cost.py --invert-bench measures them):
-# dtype; "chol_inv_chol" = cholesky, cholesky_inverse, cholesky (4/3 n³ flops) or "reversed" =
-# one cholesky of the index-reversed H and a triangular solve (same factor, exactly: see
-# _reversed_factor); batches of matrices at least `loop_from` wide go one matrix per call
-# (batched cuSOLVER calls are slower than a loop for large matrices).
-INVERSE = {"dtype": torch.float64, "method": "chol_inv_chol", "loop_from": 1 << 30}
+# dtype; "chol_inv_chol" = cholesky, cholesky_inverse, cholesky (the reference implementations'
+# way) or "reversed" = one cholesky of the index-reversed H and a triangular solve (the same
+# factor: see _reversed_factor); batches of matrices at least `loop_from` wide go one matrix per
+# call (batched cuSOLVER calls are slower than a loop there: 3 x 4096²: 35 vs 23 ms).
+# Measured on an H100 (bench/results/2026-11-27-*-gptq-cost*): "reversed" takes 0.4-0.6x the time
+# of chol_inv_chol (e.g. 128 x 2048²: 132 vs 380 ms; 14336²: 121 vs 238 ms); float32 saves little.
+INVERSE = {"dtype": torch.float64, "method": "reversed", "loop_from": 4096}
 
 
 def _flip(a: Tensor) -> Tensor:
@@ -266,12 +268,17 @@ def _column_loop(w: Tensor, hinv: Tensor, quantizer: ColumnQuantizer, bs: int) -
     return q
 
 
-def objective(weight: Tensor, quantized: Tensor, hessian: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+def objective(weight: Tensor, quantized: Tensor, hessian: Tensor, dtype: torch.dtype = torch.float64,
+              split: int | None = None) -> Tensor:
     """tr((W-Q) H (W-Q)ᵀ) per batch entry: the output error GPTQ minimizes. `dtype` is the
     GEMM's: float64 by default; float32 for the report on CPUs (a quarter of the time);
     bfloat16 for the report on GPUs, where a float32 GEMM of rows x cols² costs more than GPTQ
     itself (D and H rounded to 8 bits: the sum's relative error stays ~1e-3, far below the ratios
-    it reports). The difference W-Q is taken in float32 at least either way."""
+    it reports). The difference W-Q is taken in float32 at least either way. With `split`, rows
+    [0, split) and [split, ...) are summed apart: [2, B] (two candidates from one GEMM)."""
     exact = torch.float64 if dtype == torch.float64 else torch.float32
     d = weight.to(exact) - quantized.to(exact)
-    return ((d.to(dtype) @ hessian.to(dtype)).to(exact) * d).sum(dim=(1, 2))
+    per_row = ((d.to(dtype) @ hessian.to(dtype)).to(exact) * d).sum(dim=2)
+    if split is None:
+        return per_row.sum(dim=1)
+    return torch.stack([per_row[:, :split].sum(dim=1), per_row[:, split:].sum(dim=1)])

@@ -301,6 +301,7 @@ def _assemble(targets: list[QuantTarget], mats: list[_Matrix], fmt: GPTQFormat, 
     for m in mats:
         by_key.setdefault(m.key, []).append(m)
     swaps = {}
+    ratios: list[tuple[TargetResult, Tensor]] = []  # turned into floats at the end: one sync
     for t in targets:
         chosen = rtn = handler.quantize(t.weight, t.scales)
         res = results[t.key]
@@ -316,20 +317,28 @@ def _assemble(targets: list[QuantTarget], mats: list[_Matrix], fmt: GPTQFormat, 
                 rows = packed[0]
             res.rows = rows
             chosen = handler.quantize(t.weight, {**t.scales, **rows})
-            idx = [m.expert for m in got] if t.fused_experts else None
-
-            def sel(x: Tensor, idx=idx) -> Tensor:
-                return x[idx] if idx is not None else x[None]
-
-            hs = torch.stack([m.hessian for m in got])
-            w = sel(t.weight)
-            gemm = torch.bfloat16 if w.is_cuda else torch.float32  # see objective()
-            err_gptq = objective(w, sel(handler.dequantize(chosen, torch.float32)), hs, gemm).sum()
-            err_rtn = objective(w, sel(handler.dequantize(rtn, torch.float32)), hs, gemm).sum()
-            res.error_ratio = float(err_gptq / err_rtn.clamp_min(1e-30))
+            ratios.append((res, _error_ratio(t, got, handler.dequantize(rtn, torch.float32))))
+        # Every format dequantizes in float32 and then casts: the same values as asking for the dtype.
         param = t.key if t.fused_experts else f"{t.key}.weight"
         swaps[param] = (params[param], handler.dequantize(chosen, t.weight.dtype))
+    for res, ratio in ratios:
+        res.error_ratio = float(ratio)
     return swaps
+
+
+def _error_ratio(t: QuantTarget, got: list[_Matrix], rtn: Tensor) -> Tensor:
+    """GPTQ's layer-output error over round-to-nearest's on the matrices GPTQ quantized (its
+    values are `m.q`, which the exported tensors dequantize to bit for bit), from one GEMM."""
+    if t.fused_experts:
+        idx = [m.expert for m in got]
+        w, rtn, hs = t.weight[idx], rtn[idx], torch.stack([m.hessian for m in got])
+    else:
+        w, rtn, hs = t.weight[None], rtn[None], got[0].hessian[None]
+    q = torch.stack([m.q for m in got])
+    rows = w.shape[1]
+    both = objective(torch.cat([w, w], dim=1), torch.cat([q, rtn], dim=1), hs,
+                     torch.bfloat16 if w.is_cuda else torch.float32, split=rows)  # see objective()
+    return both[0].sum() / both[1].sum().clamp_min(1e-30)
 
 
 def apply_gptq(model: nn.Module, structure: ModelStructure, plan: QuantPlan,
