@@ -124,6 +124,43 @@ KERNEL_VARIANTS = {
 INVERT_CASES = [(576, 3), (1536, 1), (768, 128), (2048, 128), (4096, 3), (14336, 1)]
 
 
+SWEEP_SHAPES = {"smollm2 gate_up": (1, 3072, 576), "smollm2 down": (1, 576, 1536), "llama8b down": (1, 4096, 14336),
+                "llama8b qkv": (1, 6144, 4096), "qwen3moe experts gate_up": (36, 1536, 2048)}
+SWEEP = [dict(block_rows=br, num_warps=nw, tile_cols=bn) for br in (16, 32, 64) for nw in (2, 4, 8) for bn in (64, 128)]
+
+
+def kernel_sweep(device: str) -> list[dict]:
+    """Milliseconds of the column kernel alone per launch shape (random weight and Hessian at
+    the shapes GPTQ meets), and the share of values equal to the default setting's."""
+    from quantship.algorithms import gptq_triton
+    from quantship.formats import nvfp4
+
+    default = dict(gptq_triton.VARIANT)
+    rows_out = []
+    for name, (b, r, c) in SWEEP_SHAPES.items():
+        g = torch.Generator(device=device).manual_seed(r + c)
+        w = torch.randn(b, r, c, device=device, generator=g) * 0.02
+        x = torch.randn(b, 2 * c, c, device=device, generator=g)
+        hinv = gptq_mod._inverse_hessian_factor(x.transpose(1, 2) @ x / (2 * c), 0.01)
+        s2 = nvfp4.global_scale_from_amax(w.abs().amax(dim=(1, 2)))
+        steps = (nvfp4.block_scales(w, s2).float() * s2[:, None, None]).repeat_interleave(16, dim=-1)
+        ref = gptq_triton.gptq_columns(w, hinv, steps, "e2m1", 32)
+        for setting in SWEEP:
+            gptq_triton.VARIANT.update(setting)
+            try:
+                ms = timing.time_ms(lambda w=w, hinv=hinv, steps=steps: gptq_triton.gptq_columns(w, hinv, steps, "e2m1", 32),
+                                    rep_ms=50,
+                                    min_reps=2, max_reps=5)
+                same = float((gptq_triton.gptq_columns(w, hinv, steps, "e2m1", 32) == ref).float().mean())
+            except Exception as e:  # a setting the compiler rejects (registers, shared memory)
+                ms, same = None, f"{type(e).__name__}: {str(e)[:120]}"
+            rows_out.append({"shape": name, "dims": [b, r, c], **setting, "ms": ms, "same_as_default": same})
+            print(f"sweep {name} {setting}: {ms} ms, same {same}", flush=True)
+            gptq_triton.VARIANT.clear()
+            gptq_triton.VARIANT.update(default)
+    return rows_out
+
+
 def invert_bench(device: str) -> list[dict]:
     """Milliseconds of each way to get H⁻¹'s upper Cholesky factor, and its largest difference
     from the float64 chol_inv_chol factor (relative to that factor's largest entry)."""
@@ -257,6 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--kernel-variants", nargs="+", default=list(KERNEL_VARIANTS), choices=list(KERNEL_VARIANTS))
     ap.add_argument("--invert-bench", action="store_true", help="time the H⁻¹ factor methods first (GPU)")
     ap.add_argument("--profile", action="store_true", help="torch.profiler tables of the kernel path, per shape")
+    ap.add_argument("--kernel-sweep", action="store_true", help="time the column kernel's launch settings first (GPU)")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     args = ap.parse_args(argv)
@@ -268,6 +306,9 @@ def main(argv: list[str] | None = None) -> None:
     payload = {"device": device, "recipe": args.recipe, "rows": []}
     if args.invert_bench:
         payload["invert"] = invert_bench(args.device)
+    if args.kernel_sweep:
+        payload["kernel_sweep"] = kernel_sweep(args.device)
+        timing.write_results(args.out, "gptq-cost", payload, markdown(payload))
     for name, (cls, cfg, windows) in shapes.items():
         payload["rows"].append(run_shape(name, cls, cfg, windows, args))
         js, md = timing.write_results(args.out, "gptq-cost", payload, markdown(payload))
