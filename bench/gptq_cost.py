@@ -10,7 +10,7 @@ in. Both paths' layer-output error ratios against round-to-nearest are reported 
 (they may differ only by float rounding order). Layer 0 carries Triton's compilation: the
 figures are medians over the other layers.
 
-    python bench/gptq_cost.py --out $OUT              # on a GPU: smollm2, llama8b, qwen3moe
+    python bench/gptq_cost.py --out $OUT              # on a GPU: every shape in SHAPES
     python bench/gptq_cost.py --tiny --device cpu     # checks the script (torch loop only)
 """
 
@@ -47,6 +47,8 @@ SHAPES = {
                                   tie_word_embeddings=True), 20),
     "llama8b": (LlamaConfig, dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
                                   num_key_value_heads=8, head_dim=128, vocab_size=32000, num_hidden_layers=3), 20),
+    "llama8b-128w": (LlamaConfig, dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                                       num_key_value_heads=8, head_dim=128, vocab_size=32000, num_hidden_layers=3), 128),
     "qwen3moe": (Qwen3MoeConfig, dict(hidden_size=2048, num_experts=128, num_experts_per_tok=8,
                                       moe_intermediate_size=768, intermediate_size=6144, num_attention_heads=32,
                                       num_key_value_heads=4, head_dim=128, vocab_size=32000, num_hidden_layers=3,

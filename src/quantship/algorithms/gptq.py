@@ -241,8 +241,11 @@ def gptq_quantize(weight: Tensor, hessian: Tensor | None, quantizer: ColumnQuant
 
 
 def gptq_kernel_supports(block_size: int) -> bool:
-    """The fused kernel's register block is a power of two; other widths keep the torch loop."""
-    return block_size >= 16 and block_size & (block_size - 1) == 0
+    """The fused kernel's register block is a power of two, and it needs `tl.gather` (Triton
+    3.2+); otherwise the torch loop runs (same values up to float rounding order)."""
+    import triton.language as tl
+
+    return block_size >= 16 and block_size & (block_size - 1) == 0 and hasattr(tl, "gather")
 
 
 def _column_loop(w: Tensor, hinv: Tensor, quantizer: ColumnQuantizer, bs: int) -> Tensor:

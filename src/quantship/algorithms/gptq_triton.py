@@ -120,7 +120,10 @@ def _gptq_rows_kernel(w_ptr, q_ptr, hinv_ptr, inv_diag_ptr, step_ptr, rows, cols
 
 # Launch shape and the lazy-batch GEMM's arithmetic; bench/gptq_cost.py measures the choices.
 # "tf32x3" (three TF32 tensor-core products, float32 accuracy) or "ieee" (float32 FMAs).
-VARIANT = {"block_rows": 16, "tile_cols": 64, "num_warps": 4, "precision": "ieee"}
+# H100 (bench/results/2026-11-27-*-gptq-cost.json, kernel_sweep): 16 rows x 4 warps is best or
+# within 6 % everywhere; 128-column GEMM tiles save 5-10 % on dense shapes (6 % slower on experts);
+# "tf32x3" saved nothing (the loop is bound by the serial column work and H⁻¹ reads, not FLOPs).
+VARIANT = {"block_rows": 16, "tile_cols": 128, "num_warps": 4, "precision": "ieee"}
 
 
 def gptq_columns(w: Tensor, hinv: Tensor, steps: Tensor, kind: str, block_size: int) -> Tensor:
