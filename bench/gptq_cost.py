@@ -67,10 +67,13 @@ class Stopwatch:
     """Synchronized seconds spent inside wrapped functions, per label, reset per layer."""
 
     def __init__(self, device: str):
-        self.device, self.seconds = device, {}
+        self.device, self.seconds, self.active = device, {}, set()
 
     def wrap(self, label: str, fn):
         def timed(*args, **kwargs):
+            if label in self.active:  # a recursive call (one matrix per call): counted by the outer one
+                return fn(*args, **kwargs)
+            self.active.add(label)
             sync(self.device)
             t = time.perf_counter()
             try:
@@ -79,6 +82,7 @@ class Stopwatch:
             finally:
                 sync(self.device)
                 self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - t
+                self.active.discard(label)
         return timed
 
 

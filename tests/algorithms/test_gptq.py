@@ -241,3 +241,15 @@ def test_objective_split_sums_two_candidates_from_one_gemm(problem):
                                                          objective(w[None], b[None], h[None])[0]]))
     ref = float(((w.double() - a.double()) @ h.double() * (w.double() - a.double())).sum())
     assert abs(float(both[0, 0]) - ref) <= 1e-9 * abs(ref)
+
+
+def test_lower_triangular_inverse_by_halves_matches_a_triangular_solve():
+    from quantship.algorithms.gptq import _lower_triangular_inverse
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 300, 200, generator=g, dtype=torch.float64)
+    low = torch.linalg.cholesky(x.transpose(1, 2) @ x / 300 + 0.01 * torch.eye(200, dtype=torch.float64))
+    want = torch.linalg.solve_triangular(low, torch.eye(200, dtype=torch.float64).expand(2, 200, 200), upper=False)
+    got = _lower_triangular_inverse(low, leaf=48)  # three levels of halves, odd sizes included
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12 * want.abs().max().item())
+    assert torch.equal(got, got.tril())

