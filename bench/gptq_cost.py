@@ -123,8 +123,8 @@ def instrumented(watch: Stopwatch, variant: dict | None):
 KERNEL_VARIANTS = {
     "kernel": {},
     "kernel tf32x3": {"precision": "tf32x3"},
-    "kernel reversed-invert": {"invert": {"method": "reversed"}},
-    "kernel reversed-invert loop2048": {"invert": {"method": "reversed", "loop_from": 2048}},
+    "kernel chol-inv-chol": {"invert": {"method": "chol_inv_chol"}},
+    "kernel solve-inverse": {"invert": {"leaf": 1 << 30}},  # L⁻¹ by one triangular solve, no halves
 }
 # (cols, matrices) of the Hessian batches the shapes above invert per layer.
 INVERT_CASES = [(576, 3), (1536, 1), (768, 128), (2048, 128), (4096, 3), (14336, 1)]
@@ -226,7 +226,9 @@ def run_shape(name: str, cls, cfg: dict, windows: int, args) -> dict:
     forward = layer_forward_seconds(model, qm.structure, batches, args.device)
     row: dict = {"shape": name, "config": cfg, "calibration": f"{windows} x {args.seq_len} tokens",
                  "layer_forward_seconds": forward, "paths": {}}
-    paths = {**{k: KERNEL_VARIANTS[k] for k in args.kernel_variants}, "loop": None}
+    paths = {k: KERNEL_VARIANTS[k] for k in args.kernel_variants}
+    if not args.no_loop:
+        paths["loop"] = None
     if not args.device.startswith("cuda"):
         paths = {"loop": None}
     for path, variant in paths.items():
@@ -301,6 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--invert-bench", action="store_true", help="time the H⁻¹ factor methods first (GPU)")
     ap.add_argument("--profile", action="store_true", help="torch.profiler tables of the kernel path, per shape")
     ap.add_argument("--kernel-sweep", action="store_true", help="time the column kernel's launch settings first (GPU)")
+    ap.add_argument("--no-loop", action="store_true", help="skip the torch column loop")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     args = ap.parse_args(argv)

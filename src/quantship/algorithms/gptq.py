@@ -134,7 +134,7 @@ class HessianAccumulator:
 # call (batched cuSOLVER calls are slower than a loop there: 3 x 4096²: 35 vs 23 ms).
 # Measured on an H100 (bench/results/2026-11-27-*-gptq-cost*): "reversed" takes 0.4-0.6x the time
 # of chol_inv_chol (e.g. 128 x 2048²: 132 vs 380 ms; 14336²: 121 vs 238 ms); float32 saves little.
-INVERSE = {"dtype": torch.float64, "method": "reversed", "loop_from": 4096}
+INVERSE = {"dtype": torch.float64, "method": "reversed", "loop_from": 4096, "leaf": 1024}
 
 
 def _flip(a: Tensor) -> Tensor:
@@ -155,7 +155,7 @@ def _reversed_factor(h: Tensor) -> Tensor | None:
     chol, info = torch.linalg.cholesky_ex(_flip(h))
     if info.any():
         return None
-    return _flip(_lower_triangular_inverse(chol))
+    return _flip(_lower_triangular_inverse(chol, INVERSE["leaf"]))
 
 
 def _lower_triangular_inverse(low: Tensor, leaf: int = 1024) -> Tensor:
