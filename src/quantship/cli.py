@@ -112,8 +112,6 @@ def run_quantize(args: argparse.Namespace) -> int:
     from quantship.streaming.command import run_streaming_quantize, streaming_wanted
 
     if streaming_wanted(args.streaming, args.model, device):
-        if args.algorithm != "max":  # GPTQ runs per decoder layer (algorithms.sequential), not wired in yet
-            raise QuantshipError(f"--streaming does not run --algorithm {args.algorithm} yet; pass --no-streaming")
         if recipe.algorithm or args.weight_scale_search != "max":
             raise QuantshipError(f"--streaming does not run {recipe.algorithm or 'the weight scale search'} yet; "
                                  "pass --no-streaming")

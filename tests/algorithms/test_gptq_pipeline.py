@@ -106,10 +106,13 @@ def test_cli_algorithm_flag(tmp_path, smollm2_dir, capsys):
     assert main(["quantize", "--model", str(src), "--algorithm", "awq2", "--export", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--algorithm" in err[0] and "gptq" in err[0]
-    assert main(["quantize", "--model", str(src), "--algorithm", "gptq", "--streaming", "--calib-size", "1",
-                 "--dataset", str(text), "--export", str(tmp_path / "y")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--streaming does not run --algorithm gptq" in err[0]
+    # --streaming runs GPTQ layer by layer and writes the in-memory path's checkpoint bytes.
+    streamed = tmp_path / "streamed"
+    assert main(["quantize", "--model", str(src), "--qformat", "nvfp4", "--algorithm", "gptq", "--streaming",
+                 "--calib-size", "8", "--calib-seq-len", "64", "--dataset", str(text), "--export", str(streamed),
+                 "--no-progress"]) == 0
+    assert (streamed / "gptq.json").is_file() and main(["verify", str(streamed)]) == 0
+    assert (streamed / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
 
 
 def test_int4_awq_export_holds_gptqs_codes_and_pre_quant_scale(tmp_path):

@@ -13,9 +13,10 @@ feeds it — the weight multiplies Q(x), not x, at inference.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -243,13 +244,16 @@ class LayerResult:
     seconds: dict[str, float]  # "collect" (forward + Hessians), "gptq", "propagate" (forward)
 
 
-def gptq_decoder_layer(layer: nn.Module, hidden: list[Tensor], calls: LayerCalls, targets: list[QuantTarget],
-                       structure: ModelStructure, handler: FormatHandler, config: GPTQConfig) -> LayerResult:
+def gptq_decoder_layer(layer: nn.Module, hidden: list[Tensor], run: Callable[[nn.Module, Tensor, int], Tensor],
+                       targets: list[QuantTarget], structure: ModelStructure, handler: FormatHandler,
+                       config: GPTQConfig) -> LayerResult:
     """Quantize one decoder layer's `targets` with GPTQ; returns the layer's outputs (computed
     with its quantized weights, as the next layer will see them) and a result per target.
 
-    `hidden[b]`, `calls.args[b]`, `calls.kwargs[b]`: the layer's inputs for calibration batch b.
-    The layer's parameters are left as they were; the caller stores `TargetResult.rows`.
+    `hidden[b]`: the layer's input for calibration batch b; `run(layer, x, b)` its output for
+    input x with batch b's other arguments (mask, rotary embeddings), so the in-memory driver
+    and the streaming path (which captures those differently) share this function. The layer's
+    parameters are left as they were; the caller stores `TargetResult.rows`.
     """
     fmt = GPTQ_FORMATS.get(handler.name)
     if fmt is None:
@@ -267,7 +271,7 @@ def gptq_decoder_layer(layer: nn.Module, hidden: list[Tensor], calls: LayerCalls
 
     try:
         for b, x in enumerate(hidden):
-            run_layer(layer, x, calls, b)
+            run(layer, x, b)
         obs.collecting = False
         obs.shared_hessian_checked()
         mats = _matrices(targets, obs, fmt, config, results)
@@ -278,7 +282,7 @@ def gptq_decoder_layer(layer: nn.Module, hidden: list[Tensor], calls: LayerCalls
         swaps = _assemble(targets, mats, fmt, handler, results, structure)
         lap("gptq")
         with swapped_weights(swaps):
-            outputs = [run_layer(layer, x, calls, b) for b, x in enumerate(hidden)]
+            outputs = [run(layer, x, b) for b, x in enumerate(hidden)]
         lap("propagate")
     finally:
         obs.close()
@@ -341,6 +345,10 @@ def _error_ratio(t: QuantTarget, got: list[_Matrix], rtn: Tensor) -> Tensor:
     return both[0].sum() / both[1].sum().clamp_min(1e-30)
 
 
+def _run_with(calls: LayerCalls, layer: nn.Module, x: Tensor, b: int) -> Tensor:
+    return run_layer(layer, x, calls, b)
+
+
 def apply_gptq(model: nn.Module, structure: ModelStructure, plan: QuantPlan,
                batches: Iterable[dict[str, Tensor]], config: GPTQConfig | None = None,
                progress: bool = True) -> dict:
@@ -359,7 +367,8 @@ def apply_gptq(model: nn.Module, structure: ModelStructure, plan: QuantPlan,
     with torch.no_grad():
         for (name, layer), layer_calls in tqdm(list(zip(structure.decoder_layers, calls, strict=True)),
                                                desc="gptq", unit="layer", disable=not progress):
-            done = gptq_decoder_layer(layer, hidden, layer_calls, by_layer[name], structure, plan.handler, config)
+            run = functools.partial(_run_with, layer_calls)
+            done = gptq_decoder_layer(layer, hidden, run, by_layer[name], structure, plan.handler, config)
             hidden = done.outputs
             results.update(done.targets)
             timings[name] = done.seconds

@@ -43,9 +43,6 @@ def run_streaming_quantize(args: argparse.Namespace, documents: list, export: Pa
     from quantship.calibration.data import build_calibration_batches
     from quantship.streaming.layerwise import stream_quantize
 
-    if getattr(args, "algorithm", "max") != "max":
-        raise QuantshipError(f"--streaming supports --algorithm max only (got {args.algorithm}); "
-                             "use the in-memory path (--no-streaming) for it")
     ranks = init_from_env()
     if ranks.world > 1 and torch.cuda.is_available():
         device = f"cuda:{torch.cuda.current_device()}"
@@ -60,7 +57,7 @@ def run_streaming_quantize(args: argparse.Namespace, documents: list, export: Pa
     stream_quantize(args.model, args.qformat, batches, export, kv_cache=args.kv_cache_qformat, exclude=args.exclude,
                     moe_min_tokens=args.moe_min_tokens, trust_remote_code=args.trust_remote_code, device=device,
                     export_format=args.export_format, overwrite=args.overwrite, progress=args.progress,
-                    quantize_mtp=getattr(args, "quantize_mtp", False))
+                    quantize_mtp=getattr(args, "quantize_mtp", False), algorithm=getattr(args, "algorithm", "max"))
     if ranks.is_main:
         print(f"exported {args.qformat} checkpoint to {export} layer by layer (report: {export / 'report.md'})")
     return 0

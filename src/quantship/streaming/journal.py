@@ -64,6 +64,7 @@ class JournalState:
     coverage: dict = field(default_factory=dict)  # block -> {"tokens": [...], "min_tokens": n}
     mtp: dict = field(default_factory=dict)  # the quantized MTP layer's report once written (sources.mtp)
     targets: list = field(default_factory=list)  # [key, role, fused_experts, shape]
+    gptq: dict = field(default_factory=dict)  # --algorithm gptq: {"targets": {key: result}, "seconds": {layer: ...}}
     tokens_seen: int = 0
     published: dict = field(default_factory=dict)  # the finished export's files, recorded before publish
 
@@ -120,13 +121,14 @@ class WorkDir:
     def acts_dir(self, layer: int) -> Path:
         return self.root / "acts" / f"L{layer:05d}"
 
-    def save_activation(self, layer: int, batch: int, hidden: torch.Tensor) -> None:
+    def save_activation(self, layer: int, batch: int, hidden: torch.Tensor, stream: str = "b") -> None:
+        """`stream` "b": the unquantized layers' outputs (calibration); "q": with GPTQ's weights."""
         d = self.acts_dir(layer)
         d.mkdir(parents=True, exist_ok=True)
-        save_file({"hidden": hidden.detach().cpu().contiguous()}, str(d / f"b{batch:05d}.safetensors"))
+        save_file({"hidden": hidden.detach().cpu().contiguous()}, str(d / f"{stream}{batch:05d}.safetensors"))
 
-    def load_activation(self, layer: int, batch: int, device: torch.device | str) -> torch.Tensor:
-        return load_file(str(self.acts_dir(layer) / f"b{batch:05d}.safetensors"), device=str(device))["hidden"]
+    def load_activation(self, layer: int, batch: int, device: torch.device | str, stream: str = "b") -> torch.Tensor:
+        return load_file(str(self.acts_dir(layer) / f"{stream}{batch:05d}.safetensors"), device=str(device))["hidden"]
 
     def drop_activations(self, before: int) -> None:
         """Remove activation folders of layers before `before` (rank 0)."""

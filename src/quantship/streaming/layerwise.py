@@ -20,13 +20,18 @@ import signal
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from accelerate.utils import set_module_tensor_to_device
+from torch import nn
 from tqdm.auto import tqdm
 
 from quantship import __version__, report
+from quantship.algorithms.gptq import GPTQConfig
+from quantship.algorithms.gptq_report import TargetResult, gptq_report
+from quantship.algorithms.sequential import gptq_decoder_layer
 from quantship.calibration.observers import CalibrationStats, Calibrator, ExpertCoverage
 from quantship.errors import QuantshipError
 from quantship.export import compressed_tensors
@@ -91,8 +96,14 @@ class LayerwiseRun:
     def __init__(self, model_dir: Path, recipe: Recipe, kv_format: KVCacheFormat, batches: list[dict],
                  target: Path, *, exclude: list[str], moe_min_tokens: int, trust_remote_code: bool,
                  device: torch.device, export_format: str, overwrite: bool, max_shard_bytes: int,
-                 progress: bool, dtype: torch.dtype, activation_budget: int | None, quantize_mtp: bool = False):
+                 progress: bool, dtype: torch.dtype, activation_budget: int | None, quantize_mtp: bool = False,
+                 gptq_config: GPTQConfig | None = None):
         self.ranks = Ranks.current()
+        self.gptq_config = gptq_config  # --algorithm gptq: each layer's weights chosen by GPTQ (_gptq_layer)
+        if gptq_config is not None and self.ranks.world > 1:
+            raise QuantshipError("--algorithm gptq runs on one process (its Hessians are not reduced across ranks); "
+                                 "launch without torchrun, or use --algorithm max")
+        self.hidden_q: list[torch.Tensor] | None = None  # GPTQ: outputs of the GPTQ-quantized layers so far
         self.model_dir, self.recipe, self.kv_format, self.batches = model_dir, recipe, kv_format, batches
         self.target, self.device, self.export_format, self.overwrite = target, device, export_format, overwrite
         self.moe_min_tokens, self.progress = moe_min_tokens, progress and self.ranks.is_main
@@ -120,6 +131,7 @@ class LayerwiseRun:
             "recipe": recipe.name, "kv": kv_format.name, "exclude": sorted(exclude), "min_tokens": moe_min_tokens,
             "format": export_format, "max_shard_bytes": max_shard_bytes, "dtype": str(dtype),
             "calibration": batches_digest(batches), **({"quantize_mtp": True} if quantize_mtp else {}),
+            **({"gptq": asdict(gptq_config)} if gptq_config is not None else {}),
         })
         self.state, self.resumed = self.work.open(fingerprint)
         # Killed after publishing, before the work folder went: the target is this command's export.
@@ -151,7 +163,7 @@ class LayerwiseRun:
                 peak = torch.cuda.max_memory_allocated(self.device)
                 if peak > peak_before:  # which phase set the run's GPU peak (bench/scale.py)
                     self.timings[f"peak_gpu_bytes_{name}"] = peak
-            self.timings[name] += time.perf_counter() - start
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
 
     # ------------------------------------------------------------------ sections
     def _section_items(self, section: str, plan: QuantPlan, state: dict[str, torch.Tensor]) -> list:
@@ -250,6 +262,10 @@ class LayerwiseRun:
                 self.state.coverage[block] = {"tokens": [int(x) for x in cov.tokens.tolist()],
                                               "min_tokens": cov.min_tokens}
             self.state.targets += [[t.key, t.role, t.fused_experts, list(t.weight.shape)] for t in plan.targets]
+        if self.gptq_config is not None:
+            with self._phase("gptq"):
+                self._gptq_layer(k, name, layer, part, plan, calls, keep, save=not last or self.mtp is not None)
+        with self._phase("quantize_write"):
             layer_state = {f"{name}.{n}": t for n, t in layer.state_dict().items()}
             self._write_section(k + 1, name, plan, layer_state)
         self.state.next_layer = k + 1
@@ -260,13 +276,34 @@ class LayerwiseRun:
         if os.environ.get(KILL_ENV) == str(k):
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def resume_hidden(self) -> list[torch.Tensor]:
+    def _gptq_layer(self, k: int, name: str, layer: nn.Module, part: ModelStructure, plan: QuantPlan, calls: list,
+                    keep: torch.device, save: bool) -> None:
+        """GPTQ of layer k on the GPTQ-quantized stream (algorithms.sequential, as in memory): its
+        chosen tensors go into the plan's targets, its outputs become the next layer's stream."""
+        def run(module: nn.Module, x: torch.Tensor, b: int) -> torch.Tensor:
+            return calls[k][b](module, x.to(self.device))
+
+        done = gptq_decoder_layer(layer, self.hidden_q, run, plan.targets, part, plan.handler, self.gptq_config)
+        results = self.state.gptq.setdefault("targets", {})
+        for t in plan.targets:
+            r = done.targets[t.key]
+            if r.rows is not None:
+                t.scales.update(r.rows)
+            results[t.key] = {"tokens": r.tokens, "gptq": r.gptq, "min_tokens": r.min_tokens, "error_ratio": r.error_ratio}
+        self.state.gptq.setdefault("seconds", {})[name] = done.seconds
+        self.hidden_q = [o.to(keep) for o in done.outputs]
+        if save:
+            for o, j in zip(self.hidden_q, self.mine, strict=True):
+                self._saves.append(self._pool.submit(self.work.save_activation, k + 1, j, o, "q"))
+                self.timings["activation_bytes"] += o.numel() * o.element_size()
+
+    def resume_hidden(self, stream: str = "b") -> list[torch.Tensor]:
         k = self.state.next_layer
-        loaded = [self.work.load_activation(k, j, "cpu") for j in self.mine]
+        loaded = [self.work.load_activation(k, j, "cpu", stream) for j in self.mine]
         return [h.to(self._placement(loaded)) for h in loaded]
 
     # ------------------------------------------------------------------ the end
-    def _final_model(self, targets: list, coverage: dict) -> QuantizedModel:
+    def _final_model(self, targets: list, coverage: dict, gptq: dict | None = None) -> QuantizedModel:
         """A QuantizedModel standing for the whole export, for configs and reports: targets
         carry their shapes only (meta tensors), coverage and token counts from the journal."""
         covs = {b: ExpertCoverage(b, torch.tensor(c["tokens"], dtype=torch.float32), c["min_tokens"])
@@ -276,6 +313,10 @@ class LayerwiseRun:
                          for key, role, fused, shape in targets]
         plan = QuantPlan(self.recipe, self.kv_format, FORMAT_HANDLERS[self.recipe.weight_format], quant_targets,
                          self.excluded, {}, covs)
+        if gptq is not None and self.gptq_config is not None:  # the journal's GPTQ results -> gptq.json, report.md
+            results = {key: TargetResult(r["tokens"], r["gptq"], r["min_tokens"], error_ratio=r["error_ratio"])
+                       for key, r in gptq.get("targets", {}).items()}
+            plan.algorithm_report = gptq_report(results, self.gptq_config, [], gptq.get("seconds", {}))
         tokens = sum(int(b["input_ids"].numel()) for b in self.batches)
         return QuantizedModel(self.model, self.structure, plan, CalibrationStats(coverage=covs, tokens_seen=tokens))
 
@@ -314,7 +355,7 @@ class LayerwiseRun:
         if self.ranks.is_main:
             self._restore_partial_names()
             self.writer.close()
-            final = self._final_model(self.state.targets, self.state.coverage)
+            final = self._final_model(self.state.targets, self.state.coverage, self.state.gptq)
             final._write_configs(self.work.staging, self.hf_config, self.model_dir, tokenizer, self.quantization_config)
             report.write_reports(final, self.work.staging)
             self.extra.write_report(self.work.staging)
@@ -365,14 +406,23 @@ def stream_quantize(model_dir: str | Path, recipe: str | Recipe = "nvfp4",
                     overwrite: bool = False, max_shard_bytes: int = 5 * 1024**3, progress: bool = True,
                     dtype: torch.dtype = torch.bfloat16, tokenizer=None,
                     activation_budget: int | None = None, timings: dict | None = None,
-                    quantize_mtp: bool = False) -> Path:
+                    quantize_mtp: bool = False, algorithm: str = "max", gptq_config: GPTQConfig | None = None) -> Path:
     """Quantize the HF model folder `model_dir` layer by layer into `export`; returns `export`.
 
     Reruns of the same command after a kill continue from the last finished layer. Under
     torch.distributed (torchrun), every rank calls this with the same arguments. `timings`, if
     given, receives seconds per phase (load, calibrate, quantize_write, journal) and extra bytes.
     `quantize_mtp`: quantize the source's MTP layer too (sources.mtp), written after everything else.
+    `algorithm="gptq"`: each layer's weights chosen by GPTQ on the outputs of the GPTQ-quantized
+    layers before it, its scales calibrated on the unquantized ones — the in-memory path's bytes.
     """
+    from quantship.algorithms import check_algorithm
+
+    check_algorithm(algorithm)
+    if algorithm == "gptq":
+        gptq_config = gptq_config or GPTQConfig()
+    elif gptq_config is not None:
+        raise QuantshipError("gptq_config is given but algorithm is not 'gptq'")
     recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
     kv_format = get_kv_cache_format(kv_cache)
     if moe_min_tokens < 0:
@@ -387,7 +437,8 @@ def stream_quantize(model_dir: str | Path, recipe: str | Recipe = "nvfp4",
     run = LayerwiseRun(Path(model_dir), recipe, kv_format, batches, target, exclude=list(exclude),
                        moe_min_tokens=moe_min_tokens, trust_remote_code=trust_remote_code, device=device,
                        export_format=export_format, overwrite=overwrite, max_shard_bytes=max_shard_bytes,
-                       progress=progress, dtype=dtype, activation_budget=activation_budget, quantize_mtp=quantize_mtp)
+                       progress=progress, dtype=dtype, activation_budget=activation_budget, quantize_mtp=quantize_mtp,
+                       gptq_config=gptq_config if algorithm == "gptq" else None)
     if run.complete:
         run.close_complete()
         return target
@@ -396,6 +447,8 @@ def stream_quantize(model_dir: str | Path, recipe: str | Recipe = "nvfp4",
     n = len(run.layer_names)
     mtp_due = run.mtp is not None and not run.state.mtp  # needs the last layer's outputs
     hidden = first_hidden if start == 0 else run.resume_hidden() if start < n or mtp_due else []
+    if run.gptq_config is not None and start < n:
+        run.hidden_q = [h.clone() for h in first_hidden] if start == 0 else run.resume_hidden("q")
     del first_hidden
     for k in tqdm(range(start, n), desc="layers", unit="layer", initial=start, total=n, disable=not run.progress):
         run.layer(k, hidden, calls)
