@@ -115,10 +115,6 @@ class _LayerObservers:
         if not all(k in by_key for k in keys.values()):
             raise QuantshipError(f"fused experts {fe.name}: GPTQ needs both projections quantized")
         scales = {kind: by_key[k].scales["input_scale"] for kind, k in keys.items()}
-        for kind, s in scales.items():  # once per layer: the per-expert calls below skip the (syncing) check
-            if not bool((torch.isfinite(s) & (s > 0)).all()):
-                raise QuantshipError(f"{keys[kind]}: an expert's input_scale is not finite and positive; "
-                                     "recalibrate with more text or --algorithm max")
         cols = {"gate_up": fe.hidden_size, "down": fe.intermediate_size}
         for k in keys.values():
             self.experts[k] = {}
