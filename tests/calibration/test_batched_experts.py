@@ -110,3 +110,47 @@ def test_deferred_fallback_gives_the_batch_by_batch_statistics_with_less_work():
     h = torch.nn.functional.silu(x @ gu[:inter].T) * (x @ gu[inter:].T)
     down_key = f"{fe.name}.{fe.down_param}"
     assert float(deferred.stats.fallback_amax[down_key][e]) == pytest.approx(float(h.abs().max()), rel=2e-2)
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_batched_forward_runs_fake_quant_and_observers_per_expert_like_the_loop(grouped):
+    """GPTQ's Hessian collection on the GPU: the per-expert activation fake-quant and input
+    observers see, expert by expert, the rows the loop gives them (gate_up inputs exactly; down
+    inputs up to the GEMMs' bf16 rounding), and the output matches the loop's."""
+    if grouped and grouped_mm_function() is None:
+        pytest.skip("this torch has no grouped GEMM")
+    from quantship.formats import nvfp4
+
+    model = build_tiny_model("qwen3_moe")
+    fe = discover(model).fused_experts[0]
+    g = torch.Generator().manual_seed(11)
+    hidden = (torch.randn(41, fe.hidden_size, generator=g) * 2).to(torch.bfloat16)
+    idx, w = _routing(41, fe.num_experts, model.config.num_experts_per_tok, g)
+    scales = torch.rand(fe.num_experts, generator=g) * 0.01 + 0.002
+
+    def run(fn):
+        seen: dict = {}
+
+        def observe(kind, x, e):
+            assert (kind, e) not in seen  # one call per hit expert and projection
+            seen[(kind, e)] = x.clone()
+
+        def act(x, e):
+            return nvfp4.fake_quantize_nvfp4_activation(x, scales[e])
+
+        with torch.no_grad():
+            out, _ = fn(act, observe)
+        return out, seen
+
+    loop_out, loop_seen = run(lambda a, o: fused_ops.fused_experts_forward(fe, hidden, idx, w, a, a, on_input=o))
+    out, seen = run(lambda a, o: batched_experts_forward(fe, hidden, idx, w, grouped=grouped, act_quant_gate_up=a,
+                                                         act_quant_down=a, on_input=o))
+    assert seen.keys() == loop_seen.keys() and len(seen) == 2 * int((torch.bincount(idx.flatten()) > 0).sum())
+    for key, x in seen.items():
+        if key[0] == "gate_up":
+            assert torch.equal(x, loop_seen[key])
+        else:  # NVFP4 values, so a rounding flip moves a value by one E2M1 step at most
+            assert (x.float() - loop_seen[key].float()).abs().max() <= x.float().abs().max() * 0.34
+            assert (x == loop_seen[key]).float().mean() > 0.95
+    ulp = loop_out.float().abs().max() * 2**-7
+    assert (out.float() - loop_out.float()).abs().max() <= 4 * ulp

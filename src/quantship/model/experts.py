@@ -66,14 +66,16 @@ def fused_experts_forward(
     """Routed experts output for `hidden [T, H]`, plus per-expert routed statistics.
 
     Tokens are grouped by expert with one sort, so each expert runs one GEMM pair on its own
-    tokens, as transformers' eager loop does. On CUDA, without fake-quant or observers (the
-    calibration forward), all experts run as one grouped GEMM per projection instead
-    (``experts_batched.py``); the loop stays the CPU path and the per-expert-callback path.
+    tokens, as transformers' eager loop does. On CUDA all experts run as one grouped GEMM per
+    projection instead (``experts_batched.py``), fake-quant and observers called per expert on
+    slices in between; the loop stays the CPU path.
     """
-    if hidden.is_cuda and act_quant_gate_up is None and act_quant_down is None and on_input is None:
+    if hidden.is_cuda:
         from quantship.model.experts_batched import batched_experts_forward
 
-        return batched_experts_forward(fe, hidden, top_k_index, top_k_weights, gate_up_weight, down_weight)
+        return batched_experts_forward(fe, hidden, top_k_index, top_k_weights, gate_up_weight, down_weight,
+                                       act_quant_gate_up=act_quant_gate_up, act_quant_down=act_quant_down,
+                                       on_input=on_input)
     gate_up = fe.gate_up if gate_up_weight is None else gate_up_weight
     down = fe.down if down_weight is None else down_weight
     n_tokens, k = top_k_index.shape

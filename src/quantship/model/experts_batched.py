@@ -49,12 +49,35 @@ def _padded_linear(x: torch.Tensor, weight: torch.Tensor, expert: torch.Tensor, 
     return torch.bmm(padded, weight.transpose(-2, -1))[expert, slot]
 
 
+def _per_expert(kind: str, rows: torch.Tensor, bounds: list[int], act, on_input) -> torch.Tensor:
+    """Apply the per-expert activation fake-quant `act(x, e)` and observer `on_input(kind, x, e)`
+    to the expert-sorted `rows` (expert e ends at bounds[e]): one call each per hit expert on a
+    slice, the GEMMs stay grouped."""
+    if act is None and on_input is None:
+        return rows
+    out = rows if act is None else torch.empty_like(rows)
+    start = 0
+    for e, end in enumerate(bounds):
+        if end == start:
+            continue
+        seg = rows[start:end]
+        if act is not None:
+            seg = act(seg, e)
+            out[start:end] = seg
+        if on_input is not None:
+            on_input(kind, seg, e)
+        start = end
+    return out
+
+
 def batched_experts_forward(fe: FusedExperts, hidden: torch.Tensor, top_k_index: torch.Tensor,
                             top_k_weights: torch.Tensor, gate_up_weight: torch.Tensor | None = None,
-                            down_weight: torch.Tensor | None = None, grouped: bool | None = None):
-    """Routed experts output for ``hidden [T, H]`` and ``ExpertStats``, as ``fused_experts_forward``
-    without activation fake-quant or input observers. ``grouped=None`` picks the grouped GEMM
-    when it serves these tensors, else the padded ``bmm``."""
+                            down_weight: torch.Tensor | None = None, grouped: bool | None = None,
+                            act_quant_gate_up=None, act_quant_down=None, on_input=None):
+    """Routed experts output for ``hidden [T, H]`` and ``ExpertStats``, as ``fused_experts_forward``.
+    ``grouped=None`` picks the grouped GEMM when it serves these tensors, else the padded ``bmm``.
+    Activation fake-quant and input observers (GPTQ's Hessians) are called per hit expert on
+    slices of the sorted rows, between the grouped GEMMs (one host sync for the expert bounds)."""
     from quantship.model.experts import ExpertStats, _apply_gate
 
     gate_up = fe.gate_up if gate_up_weight is None else gate_up_weight
@@ -92,10 +115,14 @@ def batched_experts_forward(fe: FusedExperts, hidden: torch.Tensor, top_k_index:
         def linear(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
             return _padded_linear(a, w, expert, slot, width)
 
+    hooked = act_quant_gate_up is not None or act_quant_down is not None or on_input is not None
+    bounds = counts.cumsum(0).tolist() if hooked else []
+    x = _per_expert("gate_up", x, bounds, act_quant_gate_up, on_input)
     h = _apply_gate(fe.module, linear(x, gate_up))
     row_amax = h.detach().abs().amax(dim=-1).float()
     down_amax = torch.zeros(n_exp, dtype=torch.float32, device=device).scatter_reduce_(
         0, expert, torch.where(valid, row_amax, zero), "amax")
+    h = _per_expert("down", h, bounds, act_quant_down, on_input)
     y = linear(h, down)
     y = torch.where(valid[:, None], y, torch.zeros((), dtype=y.dtype, device=device))
     weighted = y * top_k_weights.reshape(-1)[perm, None].to(y.dtype)
