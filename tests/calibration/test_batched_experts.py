@@ -112,8 +112,9 @@ def test_deferred_fallback_gives_the_batch_by_batch_statistics_with_less_work():
     assert float(deferred.stats.fallback_amax[down_key][e]) == pytest.approx(float(h.abs().max()), rel=2e-2)
 
 
+@pytest.mark.parametrize("rows", [False, True])
 @pytest.mark.parametrize("grouped", [True, False])
-def test_batched_forward_runs_fake_quant_and_observers_per_expert_like_the_loop(grouped):
+def test_batched_forward_runs_fake_quant_and_observers_per_expert_like_the_loop(grouped, rows):
     """GPTQ's Hessian collection on the GPU: the per-expert activation fake-quant and input
     observers see, expert by expert, the rows the loop gives them (gate_up inputs exactly; down
     inputs up to the GEMMs' bf16 rounding), and the output matches the loop's."""
@@ -138,6 +139,13 @@ def test_batched_forward_runs_fake_quant_and_observers_per_expert_like_the_loop(
         def act(x, e):
             return nvfp4.fake_quantize_nvfp4_activation(x, scales[e])
 
+        if rows:  # the GPTQ collector's: all rows in one call where the handler allows it
+            from quantship.algorithms.sequential import _ExpertActQuant
+            from quantship.formats.handlers import NVFP4Handler
+
+            act = _ExpertActQuant(NVFP4Handler(), scales)
+            assert act.rows is not None
+
         with torch.no_grad():
             out, _ = fn(act, observe)
         return out, seen
@@ -154,3 +162,20 @@ def test_batched_forward_runs_fake_quant_and_observers_per_expert_like_the_loop(
             assert (x == loop_seen[key]).float().mean() > 0.95
     ulp = loop_out.float().abs().max() * 2**-7
     assert (out.float() - loop_out.float()).abs().max() <= 4 * ulp
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_row_scaled_fake_quant_equals_one_call_per_row(dtype):
+    """fake_quant_input_rows (one scale per row) gives each row exactly what the single-scale
+    function gives it: NVFP4 activations and FP8, scales spanning three decades."""
+    from quantship.formats import fp8, nvfp4
+
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(12, 64, generator=g) * torch.logspace(-2, 2, 12)[:, None]).to(dtype)
+    x[3, :16] = 0.0  # a zero block
+    s = torch.logspace(-3, 0, 12) * x.float().abs().amax(-1).clamp_min(1e-3)
+    got_nv = nvfp4.fake_quantize_nvfp4_activation_rows(x, s)
+    got_fp8 = fp8.fake_quantize_fp8_rows(x, s)
+    for r in range(12):
+        assert torch.equal(got_nv[r], nvfp4.fake_quantize_nvfp4_activation(x[r : r + 1], s[r])[0])
+        assert torch.equal(got_fp8[r], fp8.fake_quantize_fp8(x[r : r + 1], s[r])[0])

@@ -56,6 +56,23 @@ class _Matrix:
     q: Tensor | None = None
 
 
+class _ExpertActQuant:
+    """Activation fake-quant of fused experts' inputs under each expert's input scale: per expert
+    (`(x, e)`, the CPU loop) or, where the handler can, for rows of many experts at once
+    (`rows(x, expert_of_row)`, the GPU's grouped forward)."""
+
+    def __init__(self, handler: FormatHandler, scales: Tensor):
+        self.handler, self.scales = handler, scales
+        if not hasattr(handler, "fake_quant_input_rows"):
+            self.rows = None
+
+    def __call__(self, x: Tensor, e: int) -> Tensor:
+        return self.handler.fake_quant_input(x, self.scales[e])
+
+    def rows(self, x: Tensor, expert: Tensor) -> Tensor:
+        return self.handler.fake_quant_input_rows(x, self.scales.to(x.device)[expert])
+
+
 def _min_tokens(cols: int, config: GPTQConfig) -> int:
     return math.ceil(config.min_tokens_per_dim * cols)
 
@@ -125,7 +142,7 @@ class _LayerObservers:
                 accs.setdefault(e, HessianAccumulator(cols[kind])).add(x)
 
         def act(kind: str):
-            return (lambda x, e: handler.fake_quant_input(x, scales[kind][e])) if config.act_quant else None
+            return _ExpertActQuant(handler, scales[kind]) if config.act_quant else None
 
         def forward(hidden: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
             out, _ = fused_ops.fused_experts_forward(fe, hidden, top_k_index, top_k_weights,

@@ -92,6 +92,18 @@ def fake_quantize_fp8(x: Tensor, scale: Tensor) -> Tensor:
     return dequantize_fp8(q, s, dtype=x.dtype)
 
 
+def fake_quantize_fp8_rows(x: Tensor, scales: Tensor) -> Tensor:
+    """:func:`fake_quantize_fp8` with one scale per row of ``x`` [R, n] (rows of many experts at
+    once): the reference's float32 operations, broadcast, so each row equals its own call."""
+    s = scales.to(device=x.device, dtype=torch.float32).reshape(-1, 1)
+    if x.ndim != 2 or s.shape[0] != x.shape[0]:
+        raise ValueError(f"need x [R, n] and R scales, got {tuple(x.shape)} and {tuple(scales.shape)}")
+    quotient = (x.float() / s).clamp(-FP8_MAX, FP8_MAX)
+    if x.dtype in (torch.bfloat16, torch.float16):
+        quotient = quotient.to(x.dtype)
+    return (quotient.to(torch.float8_e4m3fn).float() * s).to(x.dtype)
+
+
 def quantize_fp8_experts(w: Tensor, scale: Tensor) -> Tensor:
     """Fused experts ``[E, ...]`` with one per-tensor scale each: e4m3 codes, as
     :func:`quantize_fp8` on every expert (one launch on the GPU)."""

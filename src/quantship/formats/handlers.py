@@ -70,6 +70,10 @@ class NVFP4Handler:
     def fake_quant_input(self, x: Tensor, input_scale: Tensor) -> Tensor:
         return nvfp4.fake_quantize_nvfp4_activation(x, input_scale)
 
+    def fake_quant_input_rows(self, x: Tensor, input_scales: Tensor) -> Tensor:
+        """One scale per row (optional handler method: fused experts' rows in one call)."""
+        return nvfp4.fake_quantize_nvfp4_activation_rows(x, input_scales)
+
 
 @dataclass(frozen=True)
 class FP8Handler:
@@ -103,6 +107,9 @@ class FP8Handler:
 
     def fake_quant_input(self, x: Tensor, input_scale: Tensor) -> Tensor:
         return fp8.fake_quantize_fp8(x, input_scale)
+
+    def fake_quant_input_rows(self, x: Tensor, input_scales: Tensor) -> Tensor:
+        return fp8.fake_quantize_fp8_rows(x, input_scales)
 
 
 FORMAT_HANDLERS: dict[str, FormatHandler] = {h.name: h for h in (NVFP4Handler(), FP8Handler())}

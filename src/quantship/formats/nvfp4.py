@@ -243,6 +243,19 @@ def fake_quantize_nvfp4_weight(w: Tensor, scale_2: Tensor | None = None) -> Tens
     return dequantize_nvfp4(q.packed, q.block_scale, q.scale_2, dtype=w.dtype)
 
 
+def fake_quantize_nvfp4_activation_rows(x: Tensor, input_scales: Tensor) -> Tensor:
+    """:func:`fake_quantize_nvfp4_activation` with one input scale per row of ``x`` [R, n]: the
+    rows of many experts in one pass (GPTQ's Hessian collection), each row exactly what a call
+    with its own scale gives (the same float32 operations, broadcast). Scales are not checked
+    here (reading them back would be a device sync): callers pass planned, positive scales."""
+    _check_last_dim(x, "fake_quantize_nvfp4_activation_rows")
+    s = input_scales.to(device=x.device, dtype=torch.float32).reshape(-1, 1)
+    if x.ndim != 2 or s.shape[0] != x.shape[0]:
+        raise ValueError(f"need x [R, n] and R scales, got {tuple(x.shape)} and {tuple(input_scales.shape)}")
+    scale = _block_scales(x, s)
+    return _decode(_encode(x, scale, s), scale, s, x.dtype)
+
+
 def fake_quantize_nvfp4_activation(x: Tensor, input_scale: Tensor) -> Tensor:
     """Model the serving engine's activation quantization under a static per-tensor scale.
 

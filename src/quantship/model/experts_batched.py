@@ -49,10 +49,14 @@ def _padded_linear(x: torch.Tensor, weight: torch.Tensor, expert: torch.Tensor, 
     return torch.bmm(padded, weight.transpose(-2, -1))[expert, slot]
 
 
-def _per_expert(kind: str, rows: torch.Tensor, bounds: list[int], act, on_input) -> torch.Tensor:
+def _per_expert(kind: str, rows: torch.Tensor, bounds: list[int], act, on_input,
+                expert: torch.Tensor) -> torch.Tensor:
     """Apply the per-expert activation fake-quant `act(x, e)` and observer `on_input(kind, x, e)`
-    to the expert-sorted `rows` (expert e ends at bounds[e]): one call each per hit expert on a
-    slice, the GEMMs stay grouped."""
+    to the expert-sorted `rows` (expert e ends at bounds[e]; `expert`: each row's expert): an
+    `act` with a `rows(x, expert_of_row)` method fake-quantizes all rows in one call, else one
+    call per hit expert on a slice; the observer gets each expert's slice. The GEMMs stay grouped."""
+    if act is not None and getattr(act, "rows", None) is not None:
+        rows, act = act.rows(rows, expert), None
     if act is None and on_input is None:
         return rows
     out = rows if act is None else torch.empty_like(rows)
@@ -117,12 +121,12 @@ def batched_experts_forward(fe: FusedExperts, hidden: torch.Tensor, top_k_index:
 
     hooked = act_quant_gate_up is not None or act_quant_down is not None or on_input is not None
     bounds = counts.cumsum(0).tolist() if hooked else []
-    x = _per_expert("gate_up", x, bounds, act_quant_gate_up, on_input)
+    x = _per_expert("gate_up", x, bounds, act_quant_gate_up, on_input, expert)
     h = _apply_gate(fe.module, linear(x, gate_up))
     row_amax = h.detach().abs().amax(dim=-1).float()
     down_amax = torch.zeros(n_exp, dtype=torch.float32, device=device).scatter_reduce_(
         0, expert, torch.where(valid, row_amax, zero), "amax")
-    h = _per_expert("down", h, bounds, act_quant_down, on_input)
+    h = _per_expert("down", h, bounds, act_quant_down, on_input, expert)
     y = linear(h, down)
     y = torch.where(valid[:, None], y, torch.zeros((), dtype=y.dtype, device=device))
     weighted = y * top_k_weights.reshape(-1)[perm, None].to(y.dtype)
