@@ -170,3 +170,22 @@ def test_gpu_kernel_equals_the_torch_loop_on_the_gpu(monkeypatch):
                 same = (q_kernel == q_loop).float().mean().item()
                 assert same > 0.98, f"{fmt} act_order={act_order}: {same:.4f} equal"
                 torch.testing.assert_close(objective(w, q_kernel, h), objective(w, q_loop, h), rtol=5e-3, atol=0)
+
+
+def test_gpu_hessian_of_bf16_rows_equals_float64():
+    """On the GPU, bf16 rows are folded into the Hessian by a tensor-core GEMM accumulating in
+    float32 (out_dtype): the same sum as float64 up to float32 rounding."""
+    from quantship.errors import QuantshipError
+    from quantship.formats.kernels import require_kernels
+
+    g = torch.Generator().manual_seed(9)
+    x = (torch.randn(3000, 96, generator=g) * torch.exp(torch.randn(96, generator=g))).to(torch.bfloat16)
+    want = 2.0 / 3000 * (x.double().T @ x.double())
+    try:
+        require_kernels()
+    except QuantshipError as e:
+        pytest.skip(str(e))
+    acc = HessianAccumulator(96)
+    for chunk in x.cuda().split(700):  # rows kept first, then folded, then GEMMs into the sum
+        acc.add(chunk)
+    torch.testing.assert_close(acc.hessian().double().cpu(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
