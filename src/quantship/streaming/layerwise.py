@@ -262,16 +262,17 @@ class LayerwiseRun:
                 self.state.coverage[block] = {"tokens": [int(x) for x in cov.tokens.tolist()],
                                               "min_tokens": cov.min_tokens}
             self.state.targets += [[t.key, t.role, t.fused_experts, list(t.weight.shape)] for t in plan.targets]
-        if self.gptq_config is not None:
+            if self.gptq_config is None:
+                self._write_section(k + 1, name, plan, {f"{name}.{n}": t for n, t in layer.state_dict().items()})
+        if self.gptq_config is not None:  # GPTQ picks the weights between the plan and the write
             with self._phase("gptq"):
                 self._gptq_layer(k, name, layer, part, plan, calls, keep, save=not last or self.mtp is not None)
-        with self._phase("quantize_write"):
-            layer_state = {f"{name}.{n}": t for n, t in layer.state_dict().items()}
-            self._write_section(k + 1, name, plan, layer_state)
+            with self._phase("quantize_write"):
+                self._write_section(k + 1, name, plan, {f"{name}.{n}": t for n, t in layer.state_dict().items()})
         self.state.next_layer = k + 1
         with self._phase("journal"):
             self._commit()
-        del plan, stats, layer_state
+        del plan, stats
         free(layer)
         if os.environ.get(KILL_ENV) == str(k):
             os.kill(os.getpid(), signal.SIGKILL)
