@@ -9,17 +9,17 @@ update of the block's later columns), stores the values, and applies the block's
 row tile's remaining columns with one `tl.dot` per column tile (the lazy-batch GEMM). One launch
 per matrix batch instead of tens of thousands.
 
-The rounding is the format modules' arithmetic in float32, written with additions of a power
-of two (round half to even) so the CPU interpreter (`TRITON_INTERPRET=1`) and the GPU compute the
-same values (and only Triton builtins are called — no `tl.sum`/`tl.zeros`, which are jit
-functions of Triton's standard library — so a copy of this module built under TRITON_INTERPRET=1
-runs in a process that imported Triton for the GPU, as the tests do): IEEE division (`tl.div_rn`), E2M1 nearest value saturating at 6, INT4 codes
-round-half-even clamped to [-8, 7], E4M3 nearest value after clamping to ±448. Only NVFP4 block
-scales fixed before compensation ("static", "static_mse") run here; the "dynamic" modes derive a
-block scale mid-loop and keep the torch loop. The compensation arithmetic (FMA contraction, the
-GEMM's summation order) differs from cuBLAS/ATen, so the result equals the torch loop's up to
-float rounding: tests compare both with a float64 GPTQ (same values for > 95% of the elements,
-objective within 2%).
+The rounding is the format modules' float32 arithmetic: IEEE division (`tl.div_rn`), E2M1
+nearest value saturating at 6, INT4 codes round-half-even clamped to [-8, 7], E4M3 nearest value
+after clamping to ±448, each written with additions of a power of two (round half to even) so
+Triton's CPU interpreter computes the same values as the GPU. Only Triton builtins are called (no
+`tl.sum` / `tl.zeros`, which are jit functions of Triton's standard library), so a copy of this
+module built under TRITON_INTERPRET=1 runs inside a process that imported Triton for the GPU, as
+the tests do. Only NVFP4 block scales fixed before compensation ("static", "static_mse") run
+here; the "dynamic" modes derive a block scale mid-loop and keep the torch loop. The
+compensation arithmetic (FMA contraction, the GEMM's summation order) differs from cuBLAS/ATen,
+so the result equals the torch loop's up to float rounding: tests compare both with a float64
+GPTQ (same values for > 95% of the elements, objective within 2%).
 """
 
 from __future__ import annotations
