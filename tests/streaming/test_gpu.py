@@ -38,3 +38,31 @@ def test_streaming_on_gpu_is_byte_identical(tmp_path, kind, cuda):
                           device=cuda, max_shard_bytes=60_000, progress=False, timings=timings)
     assert_same_files(mem, out)
     assert timings["calibrate"] > 0 and timings["load"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("kind", "recipe"), [("qwen3_moe", "nvfp4"), ("llama", "fp8")])
+def test_streaming_gptq_on_gpu_equals_in_memory_gptq(tmp_path, kind, recipe, cuda):
+    """--algorithm gptq on the GPU (the column kernel, the grouped experts forward with per-row
+    activation fake-quant, bf16 Hessian GEMMs): streaming and in-memory write the same bytes."""
+    import json
+
+    from quantship.algorithms.gptq import GPTQConfig
+
+    config = GPTQConfig(min_tokens_per_dim=0.25)
+    src = save_tiny_model(kind, tmp_path / "src")
+    batches = calib_batches(VOCAB, n=4)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).to(cuda).eval()
+    qm = quantize(model, recipe, batches, moe_min_tokens=12, progress=False, algorithm="gptq", gptq_config=config)
+    mem = qm.export(tmp_path / "mem", source_dir=src, max_shard_bytes=60_000, progress=False)
+    del qm, model
+    out = stream_quantize(src, recipe, batches, tmp_path / "stream", moe_min_tokens=12, device=cuda,
+                          max_shard_bytes=60_000, progress=False, algorithm="gptq", gptq_config=config)
+    for p in sorted(mem.iterdir()):
+        if p.name == "gptq.json":
+            a, b = json.loads(p.read_text()), json.loads((out / p.name).read_text())
+            assert a.pop("seconds_per_layer").keys() == b.pop("seconds_per_layer").keys() and a == b
+        else:
+            assert p.read_bytes() == (out / p.name).read_bytes(), p.name
+    report = json.loads((out / "gptq.json").read_text())
+    assert any(v.get("error_ratio_vs_rtn") is not None for v in report["targets"].values())
