@@ -129,3 +129,37 @@ def test_int4_awq_export_holds_gptqs_codes_and_pre_quant_scale(tmp_path):
         assert torch.equal(saved[f"{t.key}.weight"], t.scales["weight"])
         assert torch.equal(saved[f"{t.key}.weight_scale"], t.scales["weight_scale"])
     assert max(v["error_ratio_vs_rtn"] for v in qm.plan.algorithm_report["targets"].values()) < 1.0
+
+
+def test_experts_hessians_in_chunks_give_the_same_checkpoint(tmp_path):
+    """A Hessian budget below the layer's experts: they are collected a range at a time (one
+    calibration pass each), and the checkpoint is the one-pass checkpoint, byte for byte."""
+    import json
+
+    from quantship.algorithms.hessian_budget import expert_ranges
+
+    from tiny_models import build_tiny_model
+
+    batches = [{"input_ids": torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(i))}
+               for i in range(3)]
+    outs, reports = [], []
+    for budget in (None, 3 * 4 * (64**2 + 32**2)):  # about 3 of qwen3_moe's tiny experts at a time
+        config = GPTQConfig(min_tokens_per_dim=0.25, max_hessian_bytes=budget)
+        qm = quantize(build_tiny_model("qwen3_moe"), "nvfp4", batches, moe_min_tokens=4, progress=False,
+                      algorithm="gptq", gptq_config=config)
+        fused = [t for t in qm.plan.targets if t.fused_experts and t.key.startswith("model.layers.0.")]
+        ranges = expert_ranges(fused, config, torch.device("cpu"))
+        assert (len(ranges) > 2) == (budget is not None), ranges
+        outs.append(qm.export(tmp_path / str(budget), progress=False))
+        reports.append(json.loads((outs[-1] / "gptq.json").read_text())["targets"])
+    assert (outs[0] / "model.safetensors").read_bytes() == (outs[1] / "model.safetensors").read_bytes()
+    assert reports[0].keys() == reports[1].keys()
+    gptq_experts = [len(v["tokens_per_expert"]) - len(v["rtn_experts"]) for v in reports[1].values()
+                    if "tokens_per_expert" in v]
+    assert gptq_experts and min(gptq_experts) >= 3, gptq_experts  # experts of several ranges ran GPTQ
+    for key, a in reports[0].items():
+        b = reports[1][key]
+        assert {k: v for k, v in a.items() if k != "error_ratio_vs_rtn"} == {k: v for k, v in b.items()
+                                                                            if k != "error_ratio_vs_rtn"}
+        if a["error_ratio_vs_rtn"] is not None:  # the same sums, added in another order
+            assert b["error_ratio_vs_rtn"] == pytest.approx(a["error_ratio_vs_rtn"], rel=1e-5)

@@ -45,6 +45,10 @@ class GPTQConfig:
     # An expert (or any weight) whose Hessian saw fewer than this many input rows per input
     # dimension falls back to round-to-nearest (see ExpertFallback in sequential.py).
     min_tokens_per_dim: float = 2.0
+    # Experts' Hessians held at once per layer (bytes). Past it the layer's experts are collected
+    # in chunks, one calibration pass each (a 256-expert DeepSeek-V3 layer's gate_up Hessians are
+    # ~52 GB). None: 40 % of the GPU's free memory when the layer starts; no bound on CPUs.
+    max_hessian_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if self.nvfp4_scales not in ("static", "dynamic", "static_mse", "mse"):

@@ -32,6 +32,7 @@ from quantship.algorithms.gptq import (
 )
 from quantship.algorithms.gptq_formats import GPTQ_FORMATS, GPTQFormat
 from quantship.algorithms.gptq_report import TargetResult, gptq_report
+from quantship.algorithms.hessian_budget import expert_ranges
 from quantship.algorithms.layer_inputs import LayerCalls, capture_layer_inputs, run_layer
 from quantship.errors import QuantshipError
 from quantship.fake_quant import swapped_weights
@@ -83,6 +84,8 @@ class _LayerObservers:
     def __init__(self, targets: list[QuantTarget], structure: ModelStructure, handler: FormatHandler,
                  config: GPTQConfig):
         self.collecting = True
+        self.dense = True  # collect the Linears' Hessians (the first pass over the calibration set)
+        self.expert_range: range | None = None  # collect only these experts' Hessians (None: all)
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.patched: list[nn.Module] = []
         self.linear: dict[str, HessianAccumulator] = {}
@@ -116,9 +119,9 @@ class _LayerObservers:
                 else:
                     xq = handler.fake_quant_input(x, scale) if config.act_quant else x
                     cache[group] = (x, xq)
-                    if self.collecting:
+                    if self.collecting and self.dense:
                         acc.add(xq)
-                if self.collecting:
+                if self.collecting and self.dense:
                     self.rows_seen[key] += x.numel() // x.shape[-1]
                 return (xq, *args[1:]) if config.act_quant else None
 
@@ -137,7 +140,7 @@ class _LayerObservers:
             self.experts[k] = {}
 
         def observe(kind: str, x: Tensor, e: int) -> None:
-            if self.collecting:
+            if self.collecting and (self.expert_range is None or e in self.expert_range):
                 accs = self.experts[keys[kind]]
                 accs.setdefault(e, HessianAccumulator(cols[kind])).add(x)
 
@@ -172,7 +175,9 @@ class _LayerObservers:
 
 def _matrices(targets: list[QuantTarget], obs: _LayerObservers, fmt: GPTQFormat, config: GPTQConfig,
               results: dict[str, TargetResult]) -> list[_Matrix]:
-    """One matrix per Linear and per expert with enough tokens; the rest keep round-to-nearest."""
+    """One matrix per Linear and per expert with enough tokens; the rest keep round-to-nearest.
+    Takes what `obs` collected in this pass: the Linears if `obs.dense`, the experts in
+    `obs.expert_range` (a fused target's result fills in expert range by expert range)."""
     mats = []
     hessians: dict[int, Tensor] = {}
     for t in targets:
@@ -180,17 +185,23 @@ def _matrices(targets: list[QuantTarget], obs: _LayerObservers, fmt: GPTQFormat,
         need = _min_tokens(t.weight.shape[-1], config)
         if t.fused_experts:
             accs = obs.experts[t.key]
-            tokens = [accs[e].n if e in accs else 0 for e in range(t.weight.shape[0])]
-            ok = [n >= need for n in tokens]
-            mats += [_Matrix(t.key, e, t.weight[e], accs[e].hessian(), scale[e]) for e in range(len(ok)) if ok[e]]
-        else:
-            tokens = [obs.linear[t.key].n]
-            ok = [tokens[0] >= need]
-            if ok[0]:
-                acc = obs.linear[t.key]
-                if id(acc) not in hessians:  # one Hessian object per shared accumulator
-                    hessians[id(acc)] = acc.hessian()
-                mats.append(_Matrix(t.key, None, t.weight, hessians[id(acc)], scale))
+            n_exp = t.weight.shape[0]
+            res = results.setdefault(t.key, TargetResult([0] * n_exp, [False] * n_exp, need))
+            for e in obs.expert_range or range(n_exp):
+                res.tokens[e] = accs[e].n if e in accs else 0
+                res.gptq[e] = res.tokens[e] >= need
+                if res.gptq[e]:
+                    mats.append(_Matrix(t.key, e, t.weight[e], accs[e].hessian(), scale[e]))
+            continue
+        if not obs.dense:
+            continue
+        tokens = [obs.linear[t.key].n]
+        ok = [tokens[0] >= need]
+        if ok[0]:
+            acc = obs.linear[t.key]
+            if id(acc) not in hessians:  # one Hessian object per shared accumulator
+                hessians[id(acc)] = acc.hessian()
+            mats.append(_Matrix(t.key, None, t.weight, hessians[id(acc)], scale))
         results[t.key] = TargetResult(tokens, ok, need)
     return mats
 
@@ -283,20 +294,34 @@ def gptq_decoder_layer(layer: nn.Module, hidden: list[Tensor], run: Callable[[nn
     def lap(name: str) -> None:
         _sync(hidden)
         now = time.perf_counter()
-        seconds[name] = now - clock[0]
+        seconds[name] = seconds.get(name, 0.0) + now - clock[0]
         clock[0] = now
 
+    ranges = expert_ranges(targets, config, next(layer.parameters()).device)
+    errors: dict[str, Tensor] = {}  # key -> [GPTQ, RTN] layer-output error, summed over chunks
+    done: list[_Matrix] = []
     try:
-        for b, x in enumerate(hidden):
-            run(layer, x, b)
-        obs.collecting = False
-        obs.shared_hessian_checked()
-        mats = _matrices(targets, obs, fmt, config, results)
-        obs.linear.clear()
-        obs.experts.clear()
-        lap("collect")
-        _run_gptq(mats, fmt, config)
-        swaps = _assemble(targets, mats, fmt, handler, results, structure)
+        for i, experts in enumerate(ranges):  # one pass, unless the experts' Hessians must come in chunks
+            obs.collecting, obs.dense, obs.expert_range = True, i == 0, experts
+            for b, x in enumerate(hidden):
+                run(layer, x, b)
+            obs.collecting = False
+            if i == 0:
+                obs.shared_hessian_checked()
+            mats = _matrices(targets, obs, fmt, config, results)
+            obs.linear.clear()
+            for accs in obs.experts.values():
+                accs.clear()
+            lap("collect")
+            _run_gptq(mats, fmt, config)
+            _add_errors(targets, mats, handler, errors)
+            for m in mats:
+                m.hessian = None  # this chunk's Hessians are done with
+            done += mats
+            lap("gptq")
+        swaps = _assemble(targets, done, fmt, handler, results, structure)
+        for key, (err_gptq, err_rtn) in errors.items():
+            results[key].error_ratio = float(err_gptq / err_rtn.clamp_min(1e-30))
         lap("gptq")
         with swapped_weights(swaps):
             outputs = [run(layer, x, b) for b, x in enumerate(hidden)]
@@ -322,7 +347,6 @@ def _assemble(targets: list[QuantTarget], mats: list[_Matrix], fmt: GPTQFormat, 
     for m in mats:
         by_key.setdefault(m.key, []).append(m)
     swaps = {}
-    ratios: list[tuple[TargetResult, Tensor]] = []  # turned into floats at the end: one sync
     for t in targets:
         chosen = rtn = handler.quantize(t.weight, t.scales)
         res = results[t.key]
@@ -338,28 +362,40 @@ def _assemble(targets: list[QuantTarget], mats: list[_Matrix], fmt: GPTQFormat, 
                 rows = packed[0]
             res.rows = rows
             chosen = handler.quantize(t.weight, {**t.scales, **rows})
-            ratios.append((res, _error_ratio(t, got, handler.dequantize(rtn, torch.float32))))
         # Every format dequantizes in float32 and then casts: the same values as asking for the dtype.
         param = t.key if t.fused_experts else f"{t.key}.weight"
         swaps[param] = (params[param], handler.dequantize(chosen, t.weight.dtype))
-    for res, ratio in ratios:
-        res.error_ratio = float(ratio)
     return swaps
 
 
-def _error_ratio(t: QuantTarget, got: list[_Matrix], rtn: Tensor) -> Tensor:
-    """GPTQ's layer-output error over round-to-nearest's on the matrices GPTQ quantized (its
-    values are `m.q`, which the exported tensors dequantize to bit for bit), from one GEMM."""
-    if t.fused_experts:
-        idx = [m.expert for m in got]
-        w, rtn, hs = t.weight[idx], rtn[idx], torch.stack([m.hessian for m in got])
-    else:
-        w, rtn, hs = t.weight[None], rtn[None], got[0].hessian[None]
-    q = torch.stack([m.q for m in got])
-    rows = w.shape[1]
-    both = objective(torch.cat([w, w], dim=1), torch.cat([q, rtn], dim=1), hs,
-                     torch.bfloat16 if w.is_cuda else torch.float32, split=rows)  # see objective()
-    return both[0].sum() / both[1].sum().clamp_min(1e-30)
+def _add_errors(targets: list[QuantTarget], mats: list[_Matrix], handler: FormatHandler,
+                errors: dict[str, Tensor]) -> None:
+    """Add GPTQ's and round-to-nearest's layer-output errors tr(dW H dWᵀ) on `mats` (GPTQ's values
+    are `m.q`, which the exported tensors dequantize to bit for bit) to errors[key], one GEMM per
+    target; round-to-nearest is dequantized for these matrices only."""
+    by_key: dict[str, list[_Matrix]] = {}
+    for m in mats:
+        by_key.setdefault(m.key, []).append(m)
+    for t in targets:
+        got = by_key.get(t.key)
+        if not got:
+            continue
+        rtn = handler.quantize(t.weight, t.scales)
+        if t.fused_experts:
+            idx = torch.tensor([m.expert for m in got], device=t.weight.device)
+            n_exp = t.weight.shape[0]
+            rtn = {k: v.index_select(0, idx.to(v.device)) if v.dim() and v.shape[0] == n_exp else v
+                   for k, v in rtn.items()}
+            w, hs = t.weight[idx], torch.stack([m.hessian for m in got])
+            rtn_w = handler.dequantize(rtn, torch.float32)
+        else:
+            w, hs = t.weight[None], got[0].hessian[None]
+            rtn_w = handler.dequantize(rtn, torch.float32)[None]
+        q = torch.stack([m.q for m in got])
+        both = objective(torch.cat([w, w], dim=1), torch.cat([q, rtn_w], dim=1), hs,
+                         torch.bfloat16 if w.is_cuda else torch.float32, split=w.shape[1])  # see objective()
+        pair = torch.stack([both[0].sum(), both[1].sum()])
+        errors[t.key] = errors[t.key] + pair if t.key in errors else pair
 
 
 def _run_with(calls: LayerCalls, layer: nn.Module, x: Tensor, b: int) -> Tensor:
