@@ -299,6 +299,7 @@ def gptq_decoder_layer(layer: nn.Module, hidden: list[Tensor], run: Callable[[nn
 
     ranges = expert_ranges(targets, config, next(layer.parameters()).device)
     errors: dict[str, Tensor] = {}  # key -> [GPTQ, RTN] layer-output error, summed over chunks
+    rtn = {t.key: handler.quantize(t.weight, t.scales) for t in targets}  # round-to-nearest, once per target
     done: list[_Matrix] = []
     try:
         for i, experts in enumerate(ranges):  # one pass, unless the experts' Hessians must come in chunks
@@ -314,12 +315,12 @@ def gptq_decoder_layer(layer: nn.Module, hidden: list[Tensor], run: Callable[[nn
                 accs.clear()
             lap("collect")
             _run_gptq(mats, fmt, config)
-            _add_errors(targets, mats, handler, errors)
+            _add_errors(targets, mats, handler, rtn, errors)
             for m in mats:
                 m.hessian = None  # this chunk's Hessians are done with
             done += mats
             lap("gptq")
-        swaps = _assemble(targets, done, fmt, handler, results, structure)
+        swaps = _assemble(targets, done, fmt, handler, rtn, results, structure)
         for key, (err_gptq, err_rtn) in errors.items():
             results[key].error_ratio = float(err_gptq / err_rtn.clamp_min(1e-30))
         lap("gptq")
@@ -337,6 +338,7 @@ def _sync(hidden: list[Tensor]) -> None:
 
 
 def _assemble(targets: list[QuantTarget], mats: list[_Matrix], fmt: GPTQFormat, handler: FormatHandler,
+              rtn_of: dict[str, dict[str, Tensor]],
               results: dict[str, TargetResult], structure: ModelStructure) -> dict:
     """Each target's GPTQ row tensors (round-to-nearest experts keep theirs), and the dequantized
     weights to run the layer with."""
@@ -348,7 +350,7 @@ def _assemble(targets: list[QuantTarget], mats: list[_Matrix], fmt: GPTQFormat, 
         by_key.setdefault(m.key, []).append(m)
     swaps = {}
     for t in targets:
-        chosen = rtn = handler.quantize(t.weight, t.scales)
+        chosen = rtn = rtn_of[t.key]
         res = results[t.key]
         got = by_key.get(t.key, [])
         if got:
@@ -369,7 +371,7 @@ def _assemble(targets: list[QuantTarget], mats: list[_Matrix], fmt: GPTQFormat, 
 
 
 def _add_errors(targets: list[QuantTarget], mats: list[_Matrix], handler: FormatHandler,
-                errors: dict[str, Tensor]) -> None:
+                rtn_of: dict[str, dict[str, Tensor]], errors: dict[str, Tensor]) -> None:
     """Add GPTQ's and round-to-nearest's layer-output errors tr(dW H dWᵀ) on `mats` (GPTQ's values
     are `m.q`, which the exported tensors dequantize to bit for bit) to errors[key], one GEMM per
     target; round-to-nearest is dequantized for these matrices only."""
@@ -380,7 +382,7 @@ def _add_errors(targets: list[QuantTarget], mats: list[_Matrix], handler: Format
         got = by_key.get(t.key)
         if not got:
             continue
-        rtn = handler.quantize(t.weight, t.scales)
+        rtn = rtn_of[t.key]
         if t.fused_experts:
             idx = torch.tensor([m.expert for m in got], device=t.weight.device)
             n_exp = t.weight.shape[0]

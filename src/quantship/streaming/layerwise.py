@@ -368,6 +368,10 @@ class LayerwiseRun:
             if os.environ.get(KILL_ENV) == "publish":
                 os.kill(os.getpid(), signal.SIGKILL)
             self.work.remove()
+        self._close_sources()
+
+    def _close_sources(self) -> None:
+        """Close the source readers (extras, MTP, shards) and wait for every rank."""
         self.extra.close()
         if self.mtp is not None:
             self.mtp.close()
@@ -379,11 +383,7 @@ class LayerwiseRun:
         self._pool.shutdown()
         self._reader.shutdown()
         self.work.remove()
-        self.extra.close()
-        if self.mtp is not None:
-            self.mtp.close()
-        self.source.close()
-        self.ranks.barrier()
+        self._close_sources()
         if self.progress:
             print(f"{self.target} already holds this command's finished export (an earlier run stopped "
                   "after publishing it); removed its work folder")
