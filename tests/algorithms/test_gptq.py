@@ -197,6 +197,8 @@ def test_bad_options_are_one_line_errors():
         GPTQConfig(nvfp4_scales="dynamic", act_order=True)
     with pytest.raises(QuantshipError, match="multiple of 16"):
         GPTQConfig(block_size=24)
+    with pytest.raises(QuantshipError, match="max_hessian_bytes must be a positive"):
+        GPTQConfig(max_hessian_bytes=0)
 
 
 def test_fast_e2m1_rounding_equals_the_format_reference():

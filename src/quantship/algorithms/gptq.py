@@ -58,6 +58,9 @@ class GPTQConfig:
             raise QuantshipError(f"GPTQ block_size must be a positive multiple of 16, got {self.block_size}")
         if not 0 < self.damp < 1:
             raise QuantshipError(f"GPTQ damp must be in (0, 1), got {self.damp}")
+        if self.max_hessian_bytes is not None and self.max_hessian_bytes <= 0:
+            raise QuantshipError(f"GPTQ max_hessian_bytes must be a positive byte count or None (40 % of free GPU "
+                                 f"memory), got {self.max_hessian_bytes}")
         if self.act_order and self.nvfp4_scales in ("dynamic", "mse"):
             raise QuantshipError(
                 "GPTQ act_order needs static NVFP4 block scales: a dynamic block scale is derived when the "
